@@ -1,0 +1,766 @@
+"""Channel semantics of ATen ops: one registry of rules, each a small function of bound arguments.
+
+A rule receives the :class:`~ptsp.tracing.Context`, the op's arguments bound by name (graph values
+replaced by :class:`~ptsp.tracing.Value`) and the output shape, and returns the output's Value(s).
+Rules couple atoms (``ctx.unify``), create members on parameters, and pin what they cannot
+express. Ops with no rule fall back to :func:`unknown`, which pins every channel touching them: an
+op we do not understand can make a model less prunable, never wrong.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .tracing import Comp, Context, Value
+
+aten = torch.ops.aten
+Rule = Callable[[Context, dict, Any], Any]
+RULES: dict[Any, Rule] = {}
+
+def rule(*ops: Any) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+def lookup(target: Any) -> Rule | None:
+    """The rule for a graph node's target: by overload packet, then the generic pointwise rule."""
+    if target in RULES:
+        return RULES[target]
+    packet = getattr(target, "overloadpacket", None)
+    if packet in RULES:
+        return RULES[packet]
+    if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        return pointwise
+    return None
+
+
+def bind(target: Any, args: tuple, kwargs: dict) -> dict:
+    """Arguments by schema name, defaults filled in."""
+    schema = target._schema
+    out = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _tensors(a: dict) -> list[Value]:
+    vals = []
+    for v in a.values():
+        if isinstance(v, Value):
+            vals.append(v)
+        elif isinstance(v, (list, tuple)):
+            vals.extend(x for x in v if isinstance(x, Value))
+    return vals
+
+
+def _norm_dims(dims: Any, ndim: int) -> list[int]:
+    if dims is None:
+        return list(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted({d % ndim for d in dims}) if ndim else []
+
+
+def _comps(ctx: Context, v: Value) -> list[Comp]:
+    """Canonical components of ``v``. A parameter or buffer used as data (layer scale, position
+    embedding, a weight being standardised, ...) gets its own atoms along each dim at first use;
+    the ops it meets then couple them like any activation's."""
+    if v.param is None:
+        return ctx.canon(v)
+    if v.param not in ctx.param_comps:
+        comps = []
+        for d, n in enumerate(v.shape):
+            if n > 1:
+                atoms = ctx.fresh([n])
+                comps.append(Comp((d,), atoms))
+                ctx.add_member(v, (d,), atoms, "elem")
+        ctx.param_comps[v.param] = comps
+    return ctx.canon(Value(v.shape, ctx.param_comps[v.param]))
+
+
+def _shift(comps: list[Comp], mapping: Callable[[int], int | None]) -> list[Comp]:
+    """Renumber component dims; a dim mapped to None must not be covered."""
+    out = []
+    for c in comps:
+        dims = [mapping(d) for d in c.dims]
+        assert None not in dims
+        order = np.argsort(dims)
+        out.append(Comp(tuple(int(dims[i]) for i in order), np.transpose(c.atoms, order)))
+    return out
+
+
+def _pin_touching(ctx: Context, comps: list[Comp], dims: set[int], reason: str) -> list[Comp]:
+    """Pin components that touch ``dims``; return the others."""
+    keep = []
+    for c in comps:
+        if dims & set(c.dims) or (not c.dims and dims):
+            ctx.pin(c.atoms, reason)
+        else:
+            keep.append(c)
+    return keep
+
+
+def _expand(comp: Comp, dims: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """``comp``'s atoms broadcast over ``dims`` (a superset of its dims) with sizes from ``shape``."""
+    idx = [dims.index(d) for d in comp.dims]
+    view_shape = [1] * len(dims)
+    for i, d in zip(idx, comp.dims):
+        view_shape[i] = comp.atoms.shape[comp.dims.index(d)]
+    atoms = comp.atoms.reshape(view_shape)
+    return np.broadcast_to(atoms, tuple(shape[d] for d in dims))
+
+
+def _collapse_axis(ctx: Context, atoms: np.ndarray, axis: int) -> np.ndarray:
+    """Unify atoms along ``axis`` and drop it."""
+    first = np.take(atoms, [0], axis=axis)
+    ctx.unify(atoms, np.broadcast_to(first, atoms.shape))
+    return np.take(atoms, 0, axis=axis)
+
+
+# ------------------------------------------------------------------------------------------------
+# element-wise
+# ------------------------------------------------------------------------------------------------
+def elementwise(ctx: Context, vals: list[Value], out_shape: tuple[int, ...]) -> Value:
+    """Couple operands position by position, with numpy broadcasting.
+
+    A single-channel operand broadcast (size 1) along a dim where others carry channels is shared
+    by all of them and cannot be removed with any one of them: it is pinned and does not couple.
+    An operand that is full-size along a channel dim but carries no channels there is fixed-size,
+    so the channels it meets are pinned.
+    """
+    nd = len(out_shape)
+    ops = []
+    for v in vals:
+        off = nd - len(v.shape)
+        comps = _shift(_comps(ctx, v), lambda d, off=off: d + off)
+        ops.append(((1,) * off + tuple(v.shape), comps))
+    covered = [set().union(*[set(c.dims) for c in comps]) if comps else set() for _, comps in ops]
+    scalar = [any(not c.dims for c in comps) for _, comps in ops]
+    active = []
+    for i, (shape, comps) in enumerate(ops):
+        bdims = {d for d in range(nd) if shape[d] == 1 and out_shape[d] > 1}
+        others = set().union(*[covered[j] for j in range(len(ops)) if j != i]) if len(ops) > 1 else set()
+        if bdims & others and scalar[i]:
+            for c in comps:
+                ctx.pin(c.atoms, "channels broadcast against other channels")
+        else:
+            active.append(i)
+    # connected sets of dims over the active operands' components
+    parent = list(range(nd))
+
+    def find(d: int) -> int:
+        while parent[d] != d:
+            d = parent[d]
+        return d
+
+    for i in active:
+        for c in ops[i][1]:
+            for d in c.dims[1:]:
+                parent[find(d)] = find(c.dims[0])
+    sets: dict[int, list[Comp]] = {}
+    scalars = []
+    for i in active:
+        for c in ops[i][1]:
+            if c.dims:
+                sets.setdefault(find(c.dims[0]), []).append(c)
+            else:
+                scalars.append(c.atoms)
+    out = []
+    for comps in sets.values():
+        dims = tuple(sorted(set().union(*[set(c.dims) for c in comps])))
+        arrays = [_expand(c, dims, out_shape) for c in comps]
+        for arr in arrays[1:]:
+            ctx.unify(arr, arrays[0])
+        base = np.array(arrays[0])
+        for i in active:
+            shape, comps_i = ops[i]
+            fixed = [d for d in dims if shape[d] == out_shape[d] > 1 and d not in covered[i]]
+            if fixed and not scalar[i]:
+                ctx.pin(base, "channels combined with a fixed-size tensor")
+                break
+        out.append(Comp(dims, base))
+    if scalars:
+        s = np.concatenate([np.ravel(x) for x in scalars])
+        ctx.collapse(s)
+        if out:
+            for c in out:
+                ctx.unify(c.atoms.ravel(), np.full(c.atoms.size, s[0]))
+        else:
+            out.append(Comp((), np.asarray(s[0])))
+    return Value(tuple(out_shape), out)
+
+
+def pointwise(ctx: Context, a: dict, out: Any) -> Value:
+    return elementwise(ctx, _tensors(a), out)
+
+
+@rule(aten.dropout, aten.alias, aten.contiguous, aten.clone, aten.detach, aten._to_copy, aten.to,
+      aten.lift_fresh_copy, aten.type_as, aten.zeros_like, aten.ones_like, aten.empty_like,
+      aten.full_like, aten.feature_dropout, aten.alpha_dropout, aten.expand, aten.expand_as,
+      aten.native_dropout, aten.hardswish, aten.hardswish_, aten.dropout_, aten.hardsigmoid_)
+def identity(ctx: Context, a: dict, out: Any) -> Any:
+    """Ops whose output has the first input's channels (dropout in eval, copies, dtype casts, ...)."""
+    first = next(iter(a.values()))
+    if not isinstance(first, Value):
+        return unknown(ctx, a, out)
+    comps = _comps(ctx, first)
+    if isinstance(out, list):  # native_dropout: (output, mask)
+        return [Value(out[0], comps), Value(out[1], [])]
+    return Value(tuple(out), comps)
+
+
+@rule(aten.zeros, aten.ones, aten.full, aten.empty, aten.arange, aten.scalar_tensor, aten.linspace,
+      aten.eye, aten.randn, aten.rand, aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full)
+def factory(ctx: Context, a: dict, out: Any) -> Value:
+    """Tensors created in the graph have fixed sizes."""
+    return Value(tuple(out), [])
+
+
+# ------------------------------------------------------------------------------------------------
+# producers: convolution, linear, matmul, attention
+# ------------------------------------------------------------------------------------------------
+def _channel_vector(ctx: Context, comps: list[Comp], dim: int, reason: str) -> tuple[np.ndarray | None, list[Comp]]:
+    """The component on exactly ``(dim,)`` (a per-channel vector), and the other components.
+
+    A component joining ``dim`` with other dims cannot be cut per channel: it is pinned."""
+    vec, rest = None, []
+    for c in comps:
+        if c.dims == (dim,):
+            vec = c.atoms
+        elif dim in c.dims or not c.dims:
+            ctx.pin(c.atoms, reason)
+        else:
+            rest.append(c)
+    return vec, rest
+
+
+@rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution)
+def conv(ctx: Context, a: dict, out: Any) -> Value:
+    x, w, b = a["input"], a["weight"], a.get("bias")
+    if a.get("transposed"):
+        return unknown(ctx, a, out)
+    groups = int(a.get("groups") or 1)
+    vec, rest = _channel_vector(ctx, ctx.canon(x), 1, "conv input channels not separable")
+    _pin_touching(ctx, rest, set(range(len(x.shape))) - {1}, "channels mixed by a convolution")
+    o = w.shape[0]
+    if w.param is None:  # a computed weight (e.g. standardised): its own channels are the rows
+        wvec, _ = _channel_vector(ctx, [c for c in ctx.canon(w) if 0 in c.dims], 0, "conv weight rows")
+        atoms = wvec if wvec is not None else ctx.fresh([o])
+        if wvec is None:
+            ctx.pin(atoms, "conv with a fixed-size computed weight")
+        win = next((c.atoms for c in ctx.canon(w) if c.dims == (1,)), None)
+        if groups == 1 and vec is not None and win is not None:
+            ctx.unify(vec, win)
+        elif groups == 1 and vec is not None:
+            ctx.pin(vec, "conv with a computed weight")
+    else:
+        atoms = ctx.fresh([o])
+        ctx.add_member(w, (0,), atoms, "out")
+    if b is not None and b.param is not None:
+        ctx.add_member(b, (0,), atoms, "out")
+    if groups == 1:
+        if vec is not None and w.param is not None:
+            ctx.add_member(w, (1,), vec, "in")
+    else:  # grouped / depthwise: whole convolution groups are removed
+        blocks = atoms.reshape(groups, o // groups)
+        ctx.unify(blocks, np.broadcast_to(blocks[:, :1], blocks.shape))
+        if vec is None:
+            ctx.pin(atoms, "grouped conv on fixed-size input")
+        else:
+            vb = vec.reshape(groups, -1)
+            ctx.unify(vb, np.broadcast_to(blocks[:, :1], vb.shape))
+    return Value(tuple(out), [Comp((1,), atoms)])
+
+
+def _linear(ctx: Context, x: Value, w: Value, b: Value | None, out: tuple[int, ...]) -> Value:
+    last = len(x.shape) - 1
+    vec, rest = _channel_vector(ctx, ctx.canon(x), last, "linear input features not separable")
+    if w.param is None:
+        ctx.rigid(w, "computed linear weight")
+        if vec is not None:
+            ctx.pin(vec, "linear with a computed weight")
+        return Value(tuple(out), rest)
+    atoms = ctx.fresh([w.shape[0]])
+    ctx.add_member(w, (0,), atoms, "out")
+    if b is not None and b.param is not None:
+        ctx.add_member(b, (0,), atoms, "out")
+    if vec is not None:
+        ctx.add_member(w, (1,), vec, "in")
+    return Value(tuple(out), rest + [Comp((len(out) - 1,), atoms)])
+
+
+@rule(aten.linear)
+def linear(ctx: Context, a: dict, out: Any) -> Value:
+    return _linear(ctx, a["input"], a["weight"], a.get("bias"), out)
+
+
+def _transpose_last(v: Value) -> Value:
+    nd = len(v.shape)
+    shape = v.shape[:-2] + (v.shape[-1], v.shape[-2])
+    swap = {nd - 1: nd - 2, nd - 2: nd - 1}
+    return Value(shape, _shift(v.comps, lambda d: swap.get(d, d)), v.param)
+
+
+def _matmul(ctx: Context, x: Value, y: Value, out: tuple[int, ...]) -> Value:
+    """Batched matrix product of two activations (or an activation and a 2-D parameter)."""
+    if len(x.shape) < 2 or len(y.shape) < 2:
+        return unknown(ctx, {"self": x, "other": y}, out)
+    if x.param is not None or y.param is not None:
+        return unknown(ctx, {"self": x, "other": y}, out)
+    nd = len(out)
+    parts = []
+    for v, k_axis, free in ((x, -1, -2), (y, -2, -1)):
+        off = nd - len(v.shape)
+        comps = _shift(_comps(ctx, v), lambda d, off=off: d + off)
+        k, f = nd + k_axis, nd + free
+        kept = []
+        for c in comps:
+            if k not in c.dims:
+                kept.append(c)
+                continue
+            if f in c.dims or len(c.dims) == 1:
+                ctx.pin(c.atoms, "channels contracted by a matrix product")
+                continue
+            ax = c.dims.index(k)
+            kept.append(Comp(tuple(d for d in c.dims if d != k), _collapse_axis(ctx, c.atoms, ax)))
+        shape = list((1,) * off + tuple(v.shape))
+        shape[k] = 1
+        parts.append(Value(tuple(shape), kept))
+    return elementwise(ctx, parts, out)
+
+
+@rule(aten.matmul, aten.mm, aten.bmm)
+def matmul(ctx: Context, a: dict, out: Any) -> Value:
+    x, y = a["self"], a.get("other", a.get("mat2"))
+    if y.param is not None and len(y.shape) == 2:
+        # members on the transposed parameter: rows are input features, columns outputs
+        last = len(x.shape) - 1
+        vec, rest = _channel_vector(ctx, ctx.canon(x), last, "matmul input features not separable")
+        atoms = ctx.fresh([y.shape[1]])
+        ctx.add_member(y, (1,), atoms, "out")
+        if vec is not None:
+            ctx.add_member(y, (0,), vec, "in")
+        return Value(tuple(out), rest + [Comp((len(out) - 1,), atoms)])
+    return _matmul(ctx, x, y, tuple(out))
+
+
+@rule(aten.addmm)
+def addmm(ctx: Context, a: dict, out: Any) -> Value:
+    prod = matmul(ctx, {"self": a["mat1"], "other": a["mat2"]}, out)
+    return elementwise(ctx, [prod, a["self"]], tuple(out))
+
+
+@rule(aten.scaled_dot_product_attention)
+def sdpa(ctx: Context, a: dict, out: Any) -> Value:
+    """softmax(q kᵀ) v composed from the matmul, element-wise and softmax rules: heads are a
+    batch dim, so each head's q, k and v channels become one class."""
+    q, k, v = a["query"], a["key"], a["value"]
+    if a.get("enable_gqa"):
+        return unknown(ctx, a, out)
+    s_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+    s = _matmul(ctx, q, _transpose_last(Value(k.shape, ctx.canon(k))), s_shape)
+    mask = a.get("attn_mask")
+    if isinstance(mask, Value):
+        s = elementwise(ctx, [s, mask], s_shape)
+    s = Value(s_shape, _pin_touching(ctx, ctx.canon(s), {len(s_shape) - 1}, "channels mixed by softmax"))
+    return _matmul(ctx, s, v, tuple(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# normalisation
+# ------------------------------------------------------------------------------------------------
+def _per_channel(ctx: Context, x: Value, tensors: list[Any], dim: int, what: str) -> np.ndarray | None:
+    comps = ctx.canon(x)
+    vec, rest = _channel_vector(ctx, comps, dim, f"{what} channels not separable")
+    if vec is not None:
+        for t in tensors:
+            if isinstance(t, Value) and t.param is not None:
+                ctx.add_member(t, (0,), vec, "elem")
+            elif isinstance(t, Value):  # a computed per-channel tensor must shrink with the input
+                own = next((c.atoms for c in ctx.canon(t) if c.dims == (0,)), None)
+                if own is not None:
+                    ctx.unify(own, vec)
+                elif t.shape and t.shape[0] > 1:
+                    ctx.pin(vec, f"{what} with a fixed-size computed argument")
+    return vec
+
+
+@rule(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten.instance_norm,
+      aten.native_batch_norm, aten._native_batch_norm_legit)
+def batch_norm(ctx: Context, a: dict, out: Any) -> Any:
+    x = a["input"]
+    tensors = [a.get(n) for n in ("weight", "bias", "running_mean", "running_var")]
+    _per_channel(ctx, x, tensors, 1, "batch norm")
+    comps = ctx.canon(x)
+    _pin_touching(ctx, [c for c in comps if 1 not in c.dims], set(range(2, len(x.shape))),
+                  "channels mixed by batch statistics")
+    res = Value(tuple(x.shape), [c for c in comps if c.dims == (1,)])
+    if isinstance(out, list):
+        return [res] + [Value(s, []) if s else None for s in out[1:]]
+    return res
+
+
+@rule(aten.group_norm, aten.native_group_norm)
+def group_norm(ctx: Context, a: dict, out: Any) -> Any:
+    x, g = a["input"], int(a.get("num_groups", a.get("group", 1)))
+    comps = ctx.canon(x)
+    vec, rest = _channel_vector(ctx, comps, 1, "group norm channels not separable")
+    _pin_touching(ctx, rest, set(range(2, len(x.shape))), "channels mixed by group norm")
+    if vec is not None:
+        if g == 1:
+            ctx.mark_norm(vec)
+        else:  # whole normalisation groups go together, so the others' statistics are untouched
+            blocks = vec.reshape(g, -1)
+            ctx.unify(blocks, np.broadcast_to(blocks[:, :1], blocks.shape))
+        for t in (a.get("weight"), a.get("bias")):
+            if isinstance(t, Value) and t.param is not None:
+                ctx.add_member(t, (0,), vec, "elem")
+    res = Value(tuple(x.shape), [Comp((1,), vec)] if vec is not None else [])
+    return [res] + [Value(s, []) for s in out[1:]] if isinstance(out, list) else res
+
+
+@rule(aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
+def layer_norm(ctx: Context, a: dict, out: Any) -> Any:
+    x = a["input"]
+    nd, k = len(x.shape), len(a["normalized_shape"])
+    normed = set(range(nd - k, nd))
+    params = [t for t in (a.get("weight"), a.get("bias")) if isinstance(t, Value) and t.param is not None]
+    comps = ctx.canon(x)
+    for c in comps:
+        inside = set(c.dims) & normed
+        if not inside:
+            continue
+        if set(c.dims) <= normed:
+            ctx.mark_norm(c.atoms)
+            for t in params:
+                ctx.add_member(t, tuple(d - (nd - k) for d in c.dims), c.atoms, "elem")
+        else:  # e.g. a norm over each head's features: shared weights, so those dims keep their size
+            for d in inside:
+                ctx.require_invariant(c.atoms, c.dims.index(d))
+            for t in params:
+                ctx.rigid(t, "norm weights shared across channels")
+    res = Value(tuple(x.shape), comps)
+    return [res] + [Value(s, []) for s in out[1:]] if isinstance(out, list) else res
+
+
+# ------------------------------------------------------------------------------------------------
+# shape and data movement
+# ------------------------------------------------------------------------------------------------
+def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair up runs of input and output dims with equal products."""
+    groups, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        if a[i] == 1 and b[j] != 1:
+            groups.append(([i], []))
+            i += 1
+            continue
+        if b[j] == 1 and a[i] != 1:
+            groups.append(([], [j]))
+            j += 1
+            continue
+        ins, outs, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                pa *= a[i]
+                ins.append(i)
+                i += 1
+            else:
+                pb *= b[j]
+                outs.append(j)
+                j += 1
+        groups.append((ins, outs))
+    groups += [([k], []) for k in range(i, len(a))] + [([], [k]) for k in range(j, len(b))]
+    return groups
+
+
+def _heads_dim(ctx: Context, outs: list[int], shape: tuple[int, ...]) -> int | None:
+    """In a split of channels inside an attention module, the dim whose size is its ``num_heads``
+    (followed by a ``head_dim``-sized dim): surgery keeps that attribute in sync, so it may shrink."""
+    m = ctx.module()
+    heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        return None
+    if not any(hasattr(m, name) for name in ("qkv", "q")):
+        return None
+    for pos in range(len(outs) - 1):
+        if shape[outs[pos]] == heads and shape[outs[pos + 1]] == head_dim:
+            return outs[pos]
+    return None
+
+
+@rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_as,
+      aten.reshape_as, aten.squeeze, aten.unsqueeze)
+def reshape(ctx: Context, a: dict, out: Any) -> Value:
+    """Any reshape: channels move with their elements. Merging a channel dim with others (flatten)
+    is free; splitting one keeps every new dim's size, except an attention module's heads."""
+    x = a["self"] if "self" in a else a["input"]
+    src, dst = tuple(x.shape), tuple(out)
+    groups = _reshape_groups(src, dst)
+    where = {d: gi for gi, (ins, _) in enumerate(groups) for d in ins}
+    res, clusters = [], []  # components that share a reshape group must become one
+    for c in _comps(ctx, x):
+        if not c.dims:
+            res.append(c)
+            continue
+        touched, members = {where[d] for d in c.dims}, [c]
+        for cl in [cl for cl in clusters if cl[0] & touched]:
+            clusters.remove(cl)
+            touched |= cl[0]
+            members += cl[1]
+        clusters.append((touched, members))
+    for touched, members in clusters:
+        touched = sorted(touched)
+        ins = tuple(d for gi in touched for d in groups[gi][0])
+        outs = tuple(d for gi in touched for d in groups[gi][1])
+        arrays = [_expand(c, ins, src) for c in members]
+        for arr in arrays[1:]:
+            ctx.unify(arr, arrays[0])
+        atoms = np.ascontiguousarray(arrays[0]).reshape([dst[d] for d in outs])
+        for gi in touched:
+            g_outs = [d for d in groups[gi][1] if dst[d] > 1]
+            if len(g_outs) > 1:
+                free = _heads_dim(ctx, g_outs, dst)
+                for d in g_outs:
+                    if d != free:
+                        ctx.require_invariant(atoms, outs.index(d))
+        res.append(Comp(outs, atoms))
+    return Value(dst, res)
+
+
+@rule(aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes)
+def permute(ctx: Context, a: dict, out: Any) -> Value:
+    x = a["self"] if "self" in a else a["input"]
+    nd = len(x.shape)
+    if "dims" in a and a["dims"] is not None and not isinstance(a["dims"], int):
+        perm = [d % nd for d in a["dims"]]
+    else:
+        d0, d1 = (a.get("dim0", 0) % nd, a.get("dim1", 1) % nd) if nd else (0, 0)
+        if "source" in a:
+            src = _norm_dims(a["source"], nd)
+            dst = _norm_dims(a["destination"], nd)
+            rest = [d for d in range(nd) if d not in src]
+            perm = [None] * nd
+            for s, t in zip(src, dst):
+                perm[t] = s
+            it = iter(rest)
+            perm = [p if p is not None else next(it) for p in perm]
+        else:
+            perm = list(range(nd))
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+    inv = {old: new for new, old in enumerate(perm)}
+    return Value(tuple(out), _shift(_comps(ctx, x), lambda d: inv[d]))
+
+
+def _slice_out(ctx: Context, x: Value, dim: int, index: Any, keep_dim: bool, shape: Any) -> Value:
+    comps = []
+    for c in _comps(ctx, x):
+        if dim in c.dims:
+            ax = c.dims.index(dim)
+            ctx.require_invariant(c.atoms, ax)
+            atoms = np.take(c.atoms, index, axis=ax)
+            dims = c.dims if keep_dim else tuple(d for d in c.dims if d != dim)
+            c = Comp(dims, atoms)
+        if not keep_dim:
+            c = _shift([c], lambda d: d - 1 if d > dim else d)[0]
+        comps.append(c)
+    return Value(tuple(shape), comps)
+
+
+@rule(aten.select)
+def select(ctx: Context, a: dict, out: Any) -> Value:
+    x = a["self"]
+    dim = a["dim"] % len(x.shape)
+    return _slice_out(ctx, x, dim, a["index"] % x.shape[dim], False, out)
+
+
+@rule(aten.slice, aten.narrow)
+def slice_(ctx: Context, a: dict, out: Any) -> Value:
+    x = a["self"]
+    dim = a["dim"] % len(x.shape)
+    n = x.shape[dim]
+    if "length" in a:
+        start = a["start"] % n
+        idx = np.arange(start, start + a["length"])
+    else:
+        start = 0 if a.get("start") is None else a["start"]
+        end = n if a.get("end") is None else a["end"]
+        idx = np.arange(n)[slice(start, end, a.get("step") or 1)]
+    return _slice_out(ctx, x, dim, idx, True, out)
+
+
+@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
+def split(ctx: Context, a: dict, out: Any) -> list[Value]:
+    x = a["self"]
+    dim = a.get("dim", 0) % len(x.shape)
+    results, start = [], 0
+    keep = "unbind" not in str(ctx.node.target)
+    for shape in out:
+        n = shape[dim] if keep else 1
+        idx = np.arange(start, start + n) if keep else start
+        results.append(_slice_out(ctx, x, dim, idx, keep, shape))
+        start += n
+    return results
+
+
+@rule(aten.cat, aten.concat)
+def cat(ctx: Context, a: dict, out: Any) -> Value:
+    """Channels of the inputs follow each other along the cat dim; other dims couple as element-wise."""
+    vals = [v for v in a["tensors"] if isinstance(v, Value) and v.shape != (0,)]
+    dim = a.get("dim", 0) % len(out)
+    along, others = [], []
+    for v in vals:
+        comps = _comps(ctx, v)
+        vec, rest = None, []
+        for c in comps:
+            if c.dims == (dim,):
+                vec = c.atoms
+            elif dim in c.dims or not c.dims:
+                ctx.pin(c.atoms, "channels concatenated jointly with other dims")
+            else:
+                rest.append(c)
+        along.append(vec)
+        shape = list(v.shape)
+        shape[dim] = 1
+        others.append(Value(tuple(shape), rest))
+    o_shape = list(out)
+    o_shape[dim] = 1
+    res = elementwise(ctx, others, tuple(o_shape))
+    comps = list(res.comps)
+    if any(v is not None for v in along):
+        parts = []
+        for v, vec in zip(vals, along):
+            if vec is None:
+                vec = ctx.fresh([v.shape[dim]])
+                ctx.pin(vec, "concatenated with a fixed-size tensor")
+            parts.append(vec)
+        comps.append(Comp((dim,), np.concatenate(parts)))
+    return Value(tuple(out), comps)
+
+
+@rule(aten.stack)
+def stack(ctx: Context, a: dict, out: Any) -> Value:
+    dim = a.get("dim", 0) % len(out)
+    vals = []
+    for v in a["tensors"]:
+        comps = _shift(_comps(ctx, v), lambda d: d + 1 if d >= dim else d)
+        shape = list(v.shape)
+        shape.insert(dim, 1)
+        vals.append(Value(tuple(shape), comps))
+    o_shape = list(out)
+    o_shape[dim] = 1
+    return Value(tuple(out), elementwise(ctx, vals, tuple(o_shape)).comps)
+
+
+@rule(aten.index)
+def index(ctx: Context, a: dict, out: Any) -> Value:
+    """Advanced indexing with one index tensor on a dim that carries no channels."""
+    x, indices = a["self"], a["indices"]
+    used = [i for i, t in enumerate(indices) if t is not None]
+    comps = _comps(ctx, x)
+    if len(used) != 1:
+        return unknown(ctx, a, out)
+    d = used[0]
+    comps = _pin_touching(ctx, comps, {d}, "channels gathered by an index")
+    extra = len(out) - len(x.shape)
+    return Value(tuple(out), _shift(comps, lambda k: k + extra if k > d else k))
+
+
+@rule(aten.index_select, aten.gather, aten.repeat, aten.roll, aten.flip, aten.softmax,
+      aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.repeat_interleave)
+def along_dims(ctx: Context, a: dict, out: Any) -> Value:
+    """Ops acting along some dims (reordering, gathering, normalising): channels there are pinned."""
+    x = a["self"] if "self" in a else a["input"]
+    nd = len(x.shape)
+    if "dims" in a or "repeats" in a:
+        dims = a.get("dims")
+        if "repeats" in a and isinstance(a["repeats"], (list, tuple)):
+            dims = [d for d, r in enumerate(a["repeats"][-nd:]) if r != 1] if nd else []
+        elif "repeats" in a:
+            dims = a.get("dim")
+        dims = _norm_dims(dims, nd) if dims is not None or "shifts" not in a else list(range(nd))
+    else:
+        dims = _norm_dims(a.get("dim"), nd)
+    comps = _pin_touching(ctx, _comps(ctx, x), set(dims), f"channels mixed along dims {dims}")
+    return Value(tuple(out), comps if tuple(out) == tuple(x.shape) or len(out) == nd else [])
+
+
+@rule(aten.mean, aten.sum, aten.amax, aten.amin, aten.max, aten.min, aten.var, aten.std,
+      aten.norm, aten.logsumexp, aten.prod, aten.argmax, aten.argmin, aten.linalg_vector_norm,
+      aten.var_mean, aten.all, aten.any)
+def reduction(ctx: Context, a: dict, out: Any) -> Any:
+    """Reducing over a channel dim mixes channels (pinned); other channels pass through."""
+    x = a["self"] if "self" in a else a["input"]
+    nd = len(x.shape)
+    dims = _norm_dims(a.get("dim"), nd) if "dim" in a else list(range(nd))
+    keep = bool(a.get("keepdim", False))
+    comps = _pin_touching(ctx, _comps(ctx, x), set(dims), "channels mixed by a reduction")
+    if not keep:
+        comps = _shift(comps, lambda d: d - sum(1 for r in dims if r < d))
+    if isinstance(out, list):
+        return [Value(s, comps if i == 0 else []) if s is not None else None for i, s in enumerate(out)]
+    return Value(tuple(out), comps)
+
+
+@rule(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.max_pool1d, aten.max_pool2d,
+      aten.max_pool3d, aten.max_pool2d_with_indices, aten.adaptive_avg_pool1d,
+      aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool1d,
+      aten.adaptive_max_pool2d, aten._adaptive_avg_pool2d, aten.upsample_nearest2d,
+      aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_nearest1d,
+      aten.upsample_linear1d, aten._upsample_nearest_exact2d, aten.pixel_unshuffle)
+def spatial(ctx: Context, a: dict, out: Any) -> Any:
+    """Pooling and resampling act on the dims after the channel dim."""
+    x = a["self"] if "self" in a else a["input"]
+    nd = len(x.shape)
+    first = 1 if nd in (2, 3) and "1d" in str(ctx.node.target) and nd == 2 else 2
+    if "pixel_unshuffle" in str(ctx.node.target):
+        first = 1
+    comps = _pin_touching(ctx, _comps(ctx, x), set(range(first, nd)), "channels mixed by pooling")
+    res = Value(tuple(out[0] if isinstance(out, list) else out), comps)
+    return [res] + [Value(s, []) for s in out[1:]] if isinstance(out, list) else res
+
+
+@rule(aten.pad, aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d,
+      aten.replication_pad1d, aten.replication_pad2d, aten.reflection_pad3d, aten.replication_pad3d)
+def pad(ctx: Context, a: dict, out: Any) -> Value:
+    x = a["self"] if "self" in a else a["input"]
+    nd = len(x.shape)
+    amounts = list(a["pad"])
+    padded = {nd - 1 - i for i in range(len(amounts) // 2) if amounts[2 * i] or amounts[2 * i + 1]}
+    return Value(tuple(out), _pin_touching(ctx, _comps(ctx, x), padded, "channels padded"))
+
+
+@rule(operator.getitem)
+def getitem(ctx: Context, a: dict, out: Any) -> Any:
+    seq, i = a["seq"], a["idx"]
+    return seq[i] if isinstance(seq, (list, tuple)) else None
+
+
+def unknown(ctx: Context, a: dict, out: Any) -> Any:
+    """No rule: every channel reaching the op is pinned and its outputs are fixed-size."""
+    touched = False
+    for v in _tensors(a):
+        comps = _comps(ctx, v)
+        if comps:
+            touched = True
+            ctx.pin(comps, "op with no channel rule")
+    if touched:
+        name = str(getattr(ctx.node, "target", "?"))
+        ctx.unknown_ops[name] = ctx.unknown_ops.get(name, 0) + 1
+    if isinstance(out, list):
+        return [Value(s, []) if s is not None else None for s in out]
+    return Value(tuple(out), []) if out is not None else None

@@ -1,0 +1,127 @@
+"""Physical removal: index every tensor down to its kept slices and bring module attributes in line.
+
+The unit of exchange is ``kept``: ``{module path: {tensor name: {dim: [kept original indices]}}}``.
+It is computed from groups and a removal mask, stored in the plan (JSON-serialisable), and replayed
+on a fresh copy of the architecture when an artifact is loaded.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .groups import Groups
+
+Kept = dict[str, dict[str, dict[int, list[int]]]]
+
+
+def removed_slices(groups: Groups, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
+    """For each tensor, the indices removed along each dim (only dims that lose something)."""
+    ext = np.append(removed, False)  # channel id -1 (never removed) maps to the last entry
+    out: dict[str, dict[int, set[int]]] = {}
+    for g in groups:
+        if not removed[g.ids].any():
+            continue
+        for m in g.members:
+            gone = ext[m.channel]
+            if not gone.any():
+                continue
+            for ax, dim in enumerate(m.dims):
+                planes = np.moveaxis(gone, ax, 0).reshape(gone.shape[ax], -1).all(axis=1)
+                idx = np.flatnonzero(planes)
+                if idx.size:
+                    out.setdefault(m.tensor, {}).setdefault(dim, set()).update(idx.tolist())
+    return {t: {d: np.array(sorted(s)) for d, s in dims.items()} for t, dims in out.items()}
+
+
+def kept_indices(groups: Groups, removed: np.ndarray) -> Kept:
+    """The plan's ``kept`` map for removing the channels in ``removed`` (a mask over channel ids)."""
+    kept: Kept = {}
+    for tensor, dims in removed_slices(groups, removed).items():
+        module, _, name = tensor.rpartition(".")
+        size = groups.shapes[tensor]
+        kept.setdefault(module, {})[name] = {
+            d: np.setdiff1d(np.arange(size[d]), gone).tolist() for d, gone in sorted(dims.items())}
+    return kept
+
+
+def apply(model: nn.Module, kept: Kept) -> nn.Module:
+    """Index ``model``'s tensors in place to the kept slices, then resync module attributes."""
+    for path, tensors in kept.items():
+        module = model.get_submodule(path)
+        for name, dims in tensors.items():
+            old = getattr(module, name)
+            new = old.detach()
+            for dim, idx in sorted(dims.items(), key=lambda kv: int(kv[0])):
+                new = new.index_select(int(dim), torch.as_tensor(idx, dtype=torch.long, device=new.device))
+            new = new.contiguous()
+            if isinstance(old, nn.Parameter):
+                module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+            else:
+                module._buffers[name] = new
+    sync_attributes(model.modules())
+    return model
+
+
+def sync_attributes(modules: Iterable[nn.Module]) -> None:
+    """Set width attributes (``out_channels``, ``num_features``, ``num_heads``, ...) from tensor
+    shapes, so a module's Python code computes shapes that match its tensors again."""
+    modules = list(modules)
+    for m in modules:
+        if isinstance(m, nn.modules.conv._ConvNd):
+            per_group = m.out_channels // m.groups
+            out = m.weight.shape[0]
+            if m.groups > 1:
+                m.groups = out // per_group
+            m.out_channels, m.in_channels = out, m.weight.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            t = m.weight if m.weight is not None else m.running_mean
+            if t is not None:
+                m.num_features = t.shape[0]
+        elif isinstance(m, nn.GroupNorm) and m.weight is not None:
+            per_group = m.num_channels // m.num_groups
+            m.num_channels = m.weight.shape[0]
+            if m.num_groups > 1:
+                m.num_groups = m.num_channels // per_group
+        elif getattr(m, "weight", None) is not None and isinstance(getattr(m, "normalized_shape", None), tuple):
+            m.normalized_shape = tuple(m.weight.shape)
+    for m in modules:  # attention modules after their projections
+        heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+        if not isinstance(heads, int) or not isinstance(head_dim, int):
+            continue
+        qkv, q = getattr(m, "qkv", None), getattr(m, "q", None)
+        if isinstance(qkv, nn.Linear):
+            m.num_heads = qkv.out_features // (3 * head_dim)
+        elif isinstance(q, nn.Linear):
+            m.num_heads = q.out_features // head_dim
+        else:
+            continue
+        if isinstance(getattr(m, "attn_dim", None), int):
+            m.attn_dim = m.num_heads * head_dim
+
+
+def zero_removed_inputs(model: nn.Module, groups: Groups, removed: np.ndarray) -> nn.Module:
+    """Zero, in place, the consumer input columns of removed channels (no shapes change).
+
+    This is the reference of the correctness criterion: the pruned model must compute what this
+    model computes (exactly, except where a removed channel crossed a channel normalisation)."""
+    ext = np.append(removed, False)
+    tensors = dict(model.named_parameters())
+    with torch.no_grad():
+        for g in groups:
+            for m in g.members:
+                if m.role != "in":
+                    continue
+                gone = ext[m.channel]
+                if gone.any():
+                    t = tensors[m.tensor]
+                    mask = torch.as_tensor(gone, device=t.device)
+                    shape = [1] * t.dim()
+                    for ax, dim in enumerate(m.dims):
+                        shape[dim] = gone.shape[ax]
+                    t.masked_fill_(mask.reshape(shape), 0)
+    return model

@@ -1,0 +1,253 @@
+"""Trace a model with ``torch.export`` and hold the channel bookkeeping that the op rules fill in.
+
+Vocabulary (shared with :mod:`ptsp.ops` and :mod:`ptsp.groups`):
+
+* An **atom** is one channel index of one tensor dimension somewhere in the graph (a conv's output
+  row, a parameter's column, ...). Atoms that must be removed together are unioned; the
+  union-find root of a set of atoms is a **class**, i.e. one prunable channel.
+* A tensor's **label** is a list of **components**. A component ``Comp(dims, atoms)`` says that the
+  tensor's elements along ``dims`` belong to the channel ``atoms[i, j, ...]``; dimensions covered by
+  no component carry no channel identity (batch, space, tokens). Components of one tensor cover
+  disjoint dimensions, and an element is removed when any of its components' atoms is removed.
+* A **member** is a parameter or buffer slice indexed by atoms: ``(tensor name, dims, atoms)``.
+  Surgery removes the slices whose atoms belong to removed classes.
+* A class is **pinned** when removing it would change the model in a way no rule can express
+  (model inputs/outputs, unknown ops, channel-mixing reductions, ...). Pins carry reasons.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced into a graph (data-dependent control flow, unsupported input)."""
+
+
+@dataclasses.dataclass
+class Comp:
+    """Channel identity of a tensor along ``dims`` (sorted); ``atoms.shape`` equals those dims' sizes."""
+
+    dims: tuple[int, ...]
+    atoms: np.ndarray
+
+
+@dataclasses.dataclass
+class Value:
+    """What the propagation knows about one tensor in the graph."""
+
+    shape: tuple[int, ...]
+    comps: list[Comp]
+    param: str | None = None  # fully-qualified name when the tensor is a parameter or buffer
+    is_buffer: bool = False
+
+    def comp_on(self, dim: int) -> Comp | None:
+        for c in self.comps:
+            if dim in c.dims:
+                return c
+        return None
+
+
+@dataclasses.dataclass
+class Member:
+    """A slice of a parameter or buffer indexed by atoms along ``dims``."""
+
+    tensor: str
+    dims: tuple[int, ...]
+    atoms: np.ndarray
+    role: str  # "out" (producer rows), "in" (consumer columns) or "elem" (per-channel tensors)
+
+
+class UnionFind:
+    """Union-find over integer atoms with a growable numpy parent array."""
+
+    def __init__(self) -> None:
+        self.parent = np.zeros(1024, dtype=np.int64)
+        self.size = 0
+
+    def new(self, n: int) -> np.ndarray:
+        while self.size + n > len(self.parent):
+            self.parent = np.concatenate([self.parent, np.zeros_like(self.parent)])
+        ids = np.arange(self.size, self.size + n, dtype=np.int64)
+        self.parent[self.size:self.size + n] = ids
+        self.size += n
+        return ids
+
+    def roots(self, atoms: np.ndarray) -> np.ndarray:
+        r = np.asarray(atoms, dtype=np.int64)
+        while True:
+            p = self.parent[r]
+            if np.array_equal(p, r):
+                return r
+            r = p
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
+        """Union ``a[i]`` with ``b[i]``; returns the (winner, loser) root pairs that were merged."""
+        ra, rb = self.roots(a).ravel(), self.roots(np.broadcast_to(b, np.shape(a))).ravel()
+        diff = ra != rb
+        if not diff.any():
+            return []
+        pairs = np.unique(np.stack([ra[diff], rb[diff]], 1), axis=0)
+        merged = []
+        for x, y in pairs.tolist():
+            x, y = self._find(x), self._find(y)
+            if x != y:
+                if x > y:
+                    x, y = y, x
+                self.parent[y] = x
+                merged.append((x, y))
+        return merged
+
+    def _find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = int(self.parent[root])
+        while self.parent[x] != root:
+            self.parent[x], x = root, int(self.parent[x])
+        return root
+
+
+class Context:
+    """State of one channel propagation over an exported graph; the op rules act on it."""
+
+    def __init__(self) -> None:
+        self.uf = UnionFind()
+        self.members: list[Member] = []
+        self.pins: dict[int, set[str]] = {}  # root -> reasons
+        self.norm_crossing: set[int] = set()  # roots whose channels are normalised together
+        self.invariant: list[tuple[np.ndarray, int, str]] = []  # (atoms, axis, where): size must not change
+        self.rigid_tensors: dict[str, str] = {}  # parameter/buffer -> why its shape must not change
+        self.unknown_ops: dict[str, int] = {}
+        self.param_comps: dict[str, list[Comp]] = {}
+        self.node: torch.fx.Node | None = None  # node being processed, for messages
+        self.module_of_node: dict[str, nn.Module] = {}
+
+    # --- atoms and classes -------------------------------------------------------------------
+    def fresh(self, shape: Sequence[int]) -> np.ndarray:
+        return self.uf.new(int(np.prod(shape, dtype=np.int64))).reshape(tuple(shape))
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        for keep, gone in self.uf.union(a, b):
+            if gone in self.pins:
+                self.pins.setdefault(keep, set()).update(self.pins.pop(gone))
+            if gone in self.norm_crossing:
+                self.norm_crossing.discard(gone)
+                self.norm_crossing.add(keep)
+
+    def collapse(self, atoms: np.ndarray) -> None:
+        """Make all ``atoms`` one class."""
+        flat = np.asarray(atoms).ravel()
+        if flat.size > 1:
+            self.unify(flat[1:], flat[:1])
+
+    def pin(self, atoms: np.ndarray | Iterable[Comp], reason: str) -> None:
+        if not isinstance(atoms, np.ndarray):
+            arrays = [c.atoms.ravel() for c in atoms]
+            atoms = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+        where = f"{reason} at {self.where()}" if self.node is not None else reason
+        for r in np.unique(self.uf.roots(atoms)).tolist():
+            reasons = self.pins.setdefault(r, set())
+            if len(reasons) < 4:
+                reasons.add(where)
+
+    def mark_norm(self, atoms: np.ndarray) -> None:
+        self.norm_crossing.update(np.unique(self.uf.roots(atoms)).tolist())
+
+    def require_invariant(self, atoms: np.ndarray, axis: int) -> None:
+        """Record that the size of ``atoms``' axis must not change (checked once groups exist)."""
+        self.invariant.append((atoms, axis, self.where()))
+
+    def where(self) -> str:
+        if self.node is None:
+            return "?"
+        stack = self.node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        return f"{self.node.target} in '{path or '<root>'}'"
+
+    def module(self) -> nn.Module | None:
+        """Innermost module whose forward produced the current node."""
+        stack = (self.node.meta.get("nn_module_stack") or {}) if self.node is not None else {}
+        if not stack:
+            return None
+        path = list(stack.values())[-1][0]
+        return self.module_of_node.get(path)
+
+    # --- members -----------------------------------------------------------------------------
+    def add_member(self, value: Value, dims: tuple[int, ...], atoms: np.ndarray, role: str) -> None:
+        if value.param is None:
+            raise AssertionError("members are parameters or buffers")
+        self.members.append(Member(value.param, dims, np.asarray(atoms), role))
+
+    def rigid(self, value: Value, why: str) -> None:
+        """A parameter or buffer is used where its shape cannot change."""
+        if value.param is not None:
+            self.rigid_tensors.setdefault(value.param, f"{why} at {self.where()}")
+
+    # --- canonical components ----------------------------------------------------------------
+    def canon(self, value: Value) -> list[Comp]:
+        """Components with atoms replaced by class roots and axes along which they are constant dropped."""
+        out = []
+        for c in value.comps:
+            atoms = self.uf.roots(c.atoms)
+            dims = list(c.dims)
+            for ax in range(atoms.ndim - 1, -1, -1):
+                first = np.take(atoms, [0], axis=ax)
+                if (atoms == first).all():
+                    atoms = np.take(atoms, 0, axis=ax)
+                    del dims[ax]
+            out.append(Comp(tuple(dims), atoms))
+        return out
+
+
+@dataclasses.dataclass
+class Trace:
+    """An exported graph with the maps from graph names to the model's tensors."""
+
+    graph: torch.fx.Graph
+    params: dict[str, str]  # graph placeholder name -> parameter/buffer fully-qualified name
+    buffers: set[str]
+    user_inputs: list[str]
+    modules: dict[str, nn.Module]
+
+
+def export(model: nn.Module, example_inputs: Any) -> Trace:
+    """Export ``model`` (in eval mode) to an ATen-level graph with shapes on every node."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, args, strict=False)
+    except Exception as exc:  # export raises many exception types; all mean "cannot trace"
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(f"cannot trace {type(model).__name__} with torch.export: {msg}") from exc
+    finally:
+        model.train(was_training)
+    sig = ep.graph_signature
+    params, buffers, user_inputs = {}, set(), []
+    for spec in sig.input_specs:
+        name = spec.arg.name if hasattr(spec.arg, "name") else None
+        kind = spec.kind.name
+        if kind in ("PARAMETER", "BUFFER") and name is not None:
+            params[name] = spec.target
+            if kind == "BUFFER":
+                buffers.add(spec.target)
+        elif kind == "USER_INPUT" and name is not None:
+            user_inputs.append(name)
+    return Trace(ep.graph, params, buffers, user_inputs, dict(model.named_modules()))
+
+
+def shape_of(node: Any) -> Any:
+    """Static shape(s) of a graph value: a tuple, a list of tuples, or None for non-tensors."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    if isinstance(val, (list, tuple)):
+        return [tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None for v in val]
+    return None
