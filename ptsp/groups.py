@@ -82,12 +82,20 @@ class Groups(Sequence[Group]):
     """The groups of a model, plus what planning needs: tensor shapes and FLOP-bearing ops."""
 
     def __init__(self, groups: list[Group], num_channels: int, shapes: dict[str, tuple[int, ...]],
-                 flop_sites: list[FlopSite], unknown_ops: dict[str, int]) -> None:
+                 flop_sites: list[FlopSite], unknown_ops: dict[str, int],
+                 by_module: dict[str, np.ndarray]) -> None:
         self._groups = groups
         self.num_channels = num_channels
         self.shapes = shapes
         self.flop_sites = flop_sites
         self.unknown_ops = unknown_ops
+        self._by_module = by_module
+
+    def touching(self, module: str) -> set[int]:
+        """Indices of the groups whose channels pass through ``module`` (or its submodules)."""
+        prefix = module + "." if module else ""
+        return {int(g) for path, gs in self._by_module.items()
+                if path == module or path.startswith(prefix) for g in gs}
 
     def __getitem__(self, i):  # type: ignore[override]
         return self._groups[i]
@@ -121,6 +129,7 @@ def build_groups(model: nn.Module, example_inputs: Any) -> Groups:
     ctx.module_of_node = trace.modules
     env: dict[str, Any] = {}
     sites: list[tuple[Any, dict]] = []
+    touched: dict[str, list[np.ndarray]] = {}
     outputs: list[Value] = []
 
     def resolve(x: Any) -> Any:
@@ -137,7 +146,7 @@ def build_groups(model: nn.Module, example_inputs: Any) -> Groups:
             name = trace.params.get(node.name)
             env[node.name] = Value(shape, [], name, name in trace.buffers) if shape is not None else None
         elif node.op == "call_function":
-            env[node.name] = _apply(ctx, node, resolve, sites)
+            env[node.name] = _apply(ctx, node, resolve, sites, touched)
         elif node.op == "output":
             for v in _flatten(resolve(node.args)):
                 if isinstance(v, Value):
@@ -155,7 +164,7 @@ def build_groups(model: nn.Module, example_inputs: Any) -> Groups:
         names = ", ".join(f"{k} (x{v})" for k, v in sorted(ctx.unknown_ops.items()))
         warnings.warn(f"ptsp: no channel rule for {names}; channels reaching them are left unpruned",
                       stacklevel=2)
-    return _make_groups(ctx, trace, sites)
+    return _make_groups(ctx, trace, sites, touched)
 
 
 def _flatten(x: Any) -> Iterator[Any]:
@@ -166,7 +175,7 @@ def _flatten(x: Any) -> Iterator[Any]:
         yield x
 
 
-def _apply(ctx: Context, node: torch.fx.Node, resolve, sites: list) -> Any:
+def _apply(ctx: Context, node: torch.fx.Node, resolve, sites: list, touched: dict) -> Any:
     out = shape_of(node)
     fn = ops.lookup(node.target)
     if node.target is ops.operator.getitem:
@@ -187,10 +196,17 @@ def _apply(ctx: Context, node: torch.fx.Node, resolve, sites: list) -> Any:
         return ops.unknown(ctx, a, out)
     if getattr(node.target, "overloadpacket", None) in FLOP_OPS:
         sites.append((node.target, a))
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:  # remember which channels each module's code handles (see Groups.touching)
+        path = list(stack.values())[-1][0]
+        arrays = [c.atoms.ravel() for v in list(ops._tensors(a)) + list(_flatten(res))
+                  if isinstance(v, Value) for c in v.comps]
+        if arrays:
+            touched.setdefault(path, []).extend(arrays)
     return res
 
 
-def _make_groups(ctx: Context, trace, sites: list) -> Groups:
+def _make_groups(ctx: Context, trace, sites: list, touched: dict) -> Groups:
     uf = ctx.uf
     members = [(m, uf.roots(m.atoms)) for m in ctx.members]
     # classes touched by members, in first-use order; groups = classes linked through a member
@@ -269,7 +285,11 @@ def _make_groups(ctx: Context, trace, sites: list) -> Groups:
         groups.append(Group(gi, ids, slices.get(gi, []), not blocked[gi], why, bool(norm[ids].any())))
     shapes = {name: tuple(t.shape) for name, t in _named_tensors(trace.modules[""])}
     flop_sites = [FlopSite(t, {k: _site_arg(v, ctx, lut) for k, v in a.items()}) for t, a in sites]
-    return Groups(groups, n, shapes, flop_sites, dict(ctx.unknown_ops))
+    by_module = {}
+    for path, arrays in touched.items():
+        ids = np.unique(lut(uf.roots(np.concatenate(arrays))))
+        by_module[path] = np.unique(group_of[ids[ids >= 0]])
+    return Groups(groups, n, shapes, flop_sites, dict(ctx.unknown_ops), by_module)
 
 
 class _Lut:

@@ -128,7 +128,7 @@ def _collapse_axis(ctx: Context, atoms: np.ndarray, axis: int) -> np.ndarray:
     """Unify atoms along ``axis`` and drop it."""
     first = np.take(atoms, [0], axis=axis)
     ctx.unify(atoms, np.broadcast_to(first, atoms.shape))
-    return np.take(atoms, 0, axis=axis)
+    return np.asarray(np.take(atoms, 0, axis=axis))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 import copy
 import numbers
 import time
-from typing import Any, Iterable
+import warnings
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -83,13 +84,12 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     scores = normalised_scores(groups, tensors, importance)
     estimator = Estimator(model, groups)
     t0 = time.perf_counter()
-    removed = select(groups, scores, ratio, target, estimator=estimator, max_ratio=max_ratio,
-                     round_to=round_to, skip=skip)
-    times["plan"] = time.perf_counter() - t0
+    removed, pruned = remove_checked(
+        model, groups, inputs, skip,
+        lambda skip: select(groups, scores, ratio, target, estimator=estimator,
+                            max_ratio=max_ratio, round_to=round_to, skip=skip))
+    times["plan_and_surgery"] = time.perf_counter() - t0
     kept = kept_indices(groups, removed)
-    t0 = time.perf_counter()
-    pruned = apply(copy.deepcopy(model), kept)
-    times["surgery"] = time.perf_counter() - t0
     params_after, flops_after = count(pruned, inputs)
     plan = {
         "ptsp_version": __version__,
@@ -130,3 +130,84 @@ def _ignored_groups(model: nn.Module, groups: Groups, ignored: Iterable[nn.Modul
         prefixes.append(name + "." if name else "")
     return {g.index for g in groups
             if any(m.tensor.startswith(p) for m in g.members for p in prefixes)}
+
+
+#: how many times a plan is revised after the pruned model failed to run
+MAX_REPAIRS = 20
+
+
+def remove_checked(model: nn.Module, groups: Groups, inputs: Any, skip: set[int],
+                   plan: Callable[[set[int]], np.ndarray]) -> tuple[np.ndarray, nn.Module]:
+    """Apply ``plan(skip)`` to a copy of ``model`` and run it on ``inputs``.
+
+    Some module code bakes widths into attributes the graph cannot see (``x.view(self.shape)``).
+    When the pruned copy fails, the groups whose channels pass through the failing module are
+    left unpruned and the plan is made again; one warning lists what was left out and why.
+    """
+    skip, notes = set(skip), []
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    with torch.no_grad():
+        expected = _output_shape(model, args)
+    for _ in range(MAX_REPAIRS):
+        removed = plan(skip)
+        pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
+        failure = _failing_module(pruned, args, expected)
+        if failure is None:
+            if notes:
+                warnings.warn("ptsp: left unpruned because module code assumes fixed widths: "
+                              + "; ".join(notes), stacklevel=3)
+            return removed, pruned
+        path, error = failure
+        culprits: set[int] = set()
+        while True:
+            culprits = {g for g in groups.touching(path) if removed[groups[g].ids].any()}
+            if culprits or not path:
+                break
+            path = path.rpartition(".")[0]
+        if not culprits:
+            raise RuntimeError(f"the pruned model fails and no group can be blamed: {error}")
+        skip |= culprits
+        notes.append(f"{len(culprits)} group(s) through '{path or '<root>'}' ({error})")
+    raise RuntimeError(f"the pruned model still fails after {MAX_REPAIRS} revisions: {notes[-1]}")
+
+
+def _output_shape(model: nn.Module, args: tuple) -> Any:
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(*args)
+    finally:
+        model.train(was_training)
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else None
+
+
+def _failing_module(model: nn.Module, args: tuple, expected: Any) -> tuple[str, str] | None:
+    """(innermost module running when the forward failed, error) or None if it runs and its
+    output has the expected shape."""
+    stack: list[str] = []
+
+    def enter(name: str) -> Callable:
+        def hook(*_: Any) -> None:
+            stack.append(name)
+        return hook
+
+    def leave(*_: Any) -> None:
+        stack.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(enter(name)))
+        handles.append(m.register_forward_hook(leave))
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*args)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (stack[-1] if stack else ""), f"{type(exc).__name__}: {msg}"[:200]
+    finally:
+        for h in handles:
+            h.remove()
+    if expected is not None and tuple(out.shape) != expected:
+        return "", f"output shape {tuple(out.shape)} instead of {expected}"
+    return None

@@ -6,7 +6,8 @@ on a fresh copy of the architecture when an artifact is loaded.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import copy
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -48,7 +49,14 @@ def kept_indices(groups: Groups, removed: np.ndarray) -> Kept:
 
 
 def apply(model: nn.Module, kept: Kept) -> nn.Module:
-    """Index ``model``'s tensors in place to the kept slices, then resync module attributes."""
+    """Index ``model``'s tensors in place to the kept slices, then resync module attributes.
+
+    A tensor shared by several modules (tied weights) is replaced everywhere it is used."""
+    users: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in model.modules():
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None:
+                users.setdefault(id(t), []).append((m, name))
     for path, tensors in kept.items():
         module = model.get_submodule(path)
         for name, dims in tensors.items():
@@ -58,9 +66,9 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
                 new = new.index_select(int(dim), torch.as_tensor(idx, dtype=torch.long, device=new.device))
             new = new.contiguous()
             if isinstance(old, nn.Parameter):
-                module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
-            else:
-                module._buffers[name] = new
+                new = nn.Parameter(new, requires_grad=old.requires_grad)
+            for m, n in users.get(id(old), [(module, name)]):
+                (m._parameters if isinstance(old, nn.Parameter) else m._buffers)[n] = new
     sync_attributes(model.modules())
     return model
 
@@ -110,7 +118,7 @@ def zero_removed_inputs(model: nn.Module, groups: Groups, removed: np.ndarray) -
     This is the reference of the correctness criterion: the pruned model must compute what this
     model computes (exactly, except where a removed channel crossed a channel normalisation)."""
     ext = np.append(removed, False)
-    tensors = dict(model.named_parameters())
+    tensors = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for g in groups:
             for m in g.members:
@@ -125,3 +133,16 @@ def zero_removed_inputs(model: nn.Module, groups: Groups, removed: np.ndarray) -
                         shape[dim] = gone.shape[ax]
                     t.masked_fill_(mask.reshape(shape), 0)
     return model
+
+
+def criterion_error(model: nn.Module, groups: Groups, removed: np.ndarray, inputs: Any) -> float:
+    """Relative max-abs difference between the pruned model and the reference of
+    :func:`zero_removed_inputs` on ``inputs`` (the correctness criterion of the docs)."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    pruned = apply(copy.deepcopy(model), kept_indices(groups, removed)).eval()
+    ref = zero_removed_inputs(copy.deepcopy(model), groups, removed).eval()
+    with torch.no_grad():
+        y, y_ref = pruned(*args), ref(*args)
+    if y.shape != y_ref.shape or not torch.isfinite(y).all():
+        return float("inf")
+    return ((y - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-12)).item()

@@ -146,8 +146,8 @@ class Context:
             self.unify(flat[1:], flat[:1])
 
     def pin(self, atoms: np.ndarray | Iterable[Comp], reason: str) -> None:
-        if not isinstance(atoms, np.ndarray):
-            arrays = [c.atoms.ravel() for c in atoms]
+        if not isinstance(atoms, (np.ndarray, np.integer)):
+            arrays = [np.ravel(c.atoms) for c in atoms]
             atoms = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
         where = f"{reason} at {self.where()}" if self.node is not None else reason
         for r in np.unique(self.uf.roots(atoms)).tolist():
@@ -198,7 +198,7 @@ class Context:
             for ax in range(atoms.ndim - 1, -1, -1):
                 first = np.take(atoms, [0], axis=ax)
                 if (atoms == first).all():
-                    atoms = np.take(atoms, 0, axis=ax)
+                    atoms = np.asarray(np.take(atoms, 0, axis=ax))
                     del dims[ax]
             out.append(Comp(tuple(dims), atoms))
         return out
