@@ -3,6 +3,9 @@
 ``count`` measures a real model. ``Estimator`` predicts both numbers for a removal mask without
 touching the model, by replaying each FLOP-bearing op of the traced graph on meta tensors of the
 pruned shapes under the same FlopCounterMode: exact, and fast enough to search a plan.
+
+Attention runs through PyTorch's math backend while counting: the fused CPU kernel has no FLOP
+formula in ``torch.utils.flop_counter`` and would count as zero.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .groups import Groups, SiteTensor
@@ -24,7 +28,8 @@ def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        # (no torch.no_grad: FlopCounterMode's module tracker fails on parameters passed as inputs)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             model(*args)
     finally:
         model.train(was_training)
@@ -56,15 +61,13 @@ class Estimator:
     def flops(self, removed: np.ndarray) -> int:
         tensor_shapes = self._tensor_shapes(removed)
         ext = np.append(removed, False)
-        total = 0
-        with FlopCounterMode(display=False) as fc:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             for site in self.groups.flop_sites:
                 args = {k: _meta(v, ext, tensor_shapes) for k, v in site.args.items()}
                 if "groups" in args and isinstance(args.get("groups"), int) and args["groups"] > 1:
                     args["groups"] = args["input"].shape[1] // args["weight"].shape[1]
                 site.target(**args)
-            total = int(fc.get_total_flops())
-        return total
+        return int(fc.get_total_flops())
 
 
 def _meta(arg: Any, ext: np.ndarray, tensor_shapes: dict) -> Any:

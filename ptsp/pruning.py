@@ -159,15 +159,17 @@ def remove_checked(model: nn.Module, groups: Groups, inputs: Any, skip: set[int]
             return removed, pruned
         path, error = failure
         culprits: set[int] = set()
-        while True:
-            culprits = {g for g in groups.touching(path) if removed[groups[g].ids].any()}
+        while True:  # the failing module's code is shared by every module of its class
+            cls = type(model.get_submodule(path))
+            paths = [n for n, m in model.named_modules() if type(m) is cls] if path else [""]
+            culprits = {g for p in paths for g in groups.touching(p) if removed[groups[g].ids].any()}
             if culprits or not path:
                 break
             path = path.rpartition(".")[0]
         if not culprits:
             raise RuntimeError(f"the pruned model fails and no group can be blamed: {error}")
         skip |= culprits
-        notes.append(f"{len(culprits)} group(s) through '{path or '<root>'}' ({error})")
+        notes.append(f"{len(culprits)} group(s) through {cls.__name__} modules ({error})")
     raise RuntimeError(f"the pruned model still fails after {MAX_REPAIRS} revisions: {notes[-1]}")
 
 

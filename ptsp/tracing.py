@@ -181,7 +181,11 @@ class Context:
     def add_member(self, value: Value, dims: tuple[int, ...], atoms: np.ndarray, role: str) -> None:
         if value.param is None:
             raise AssertionError("members are parameters or buffers")
-        self.members.append(Member(value.param, dims, np.asarray(atoms), role))
+        atoms = np.asarray(atoms)
+        for m in self.members:  # a tensor used twice (tied weights): the same slices go together
+            if m.tensor == value.param and m.dims == dims and m.atoms.shape == atoms.shape:
+                self.unify(m.atoms, atoms)
+        self.members.append(Member(value.param, dims, atoms, role))
 
     def rigid(self, value: Value, why: str) -> None:
         """A parameter or buffer is used where its shape cannot change."""
@@ -220,6 +224,9 @@ def export(model: nn.Module, example_inputs: Any) -> Trace:
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = model.training
     model.eval()
+    # per-node Python stack traces are not needed (nn_module_stack is) and cost half the time
+    emit = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -228,6 +235,7 @@ def export(model: nn.Module, example_inputs: Any) -> Trace:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(f"cannot trace {type(model).__name__} with torch.export: {msg}") from exc
     finally:
+        torch.fx.config.do_not_emit_stack_traces = emit
         model.train(was_training)
     sig = ep.graph_signature
     params, buffers, user_inputs = {}, set(), []

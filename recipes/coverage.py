@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--rerun", action="store_true", help="ignore earlier results")
+    ap.add_argument("--redo", nargs="*", default=[], metavar="STATUS",
+                    help="run again the models whose earlier status is one of these (e.g. error timeout)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "coverage.csv"
@@ -159,7 +161,12 @@ def main() -> None:
     done = {}
     if csv_path.exists() and not args.rerun:
         with open(csv_path) as f:
-            done = {r["model"]: r for r in csv.DictReader(f)}
+            done = {r["model"]: r for r in csv.DictReader(f) if r["status"] not in args.redo}
+        if args.redo:  # rewrite the CSV without the rows being redone
+            with open(csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, FIELDS)
+                writer.writeheader()
+                writer.writerows({k: r.get(k, "") for k in FIELDS} for r in done.values())
     todo = [n for n in names if n not in done]
     print(f"{len(names)} models, {len(done)} already done, {len(todo)} to run", flush=True)
     write_header = not csv_path.exists() or args.rerun

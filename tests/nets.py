@@ -1,0 +1,176 @@
+"""Small hand-built models, one per op kind the group builder must handle."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from timm.layers.norm_act import BatchNormAct2d
+from timm.models.vision_transformer import Attention, LayerScale
+from torch import nn
+
+
+class ConvChain(nn.Module):
+    """conv → BN → ReLU → conv → BN → pool → classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 24, 3, padding=1, bias=False), BatchNormAct2d(24)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Depthwise(nn.Module):
+    """Depthwise conv ties input and output channels; a grouped conv ties whole groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(3, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.gc = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.gc(F.relu(self.dw(F.relu(self.pw(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Residual(nn.Module):
+    """A residual add ties both branches' producers; a multiplicative gate (SE) ties the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 8, 1)
+        self.b = nn.Conv2d(8, 16, 3, padding=1)
+        self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.b(F.relu(self.a(x)))
+        gate = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        x = x + y * gate
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Concat(nn.Module):
+    """Concat shifts the second input's channels; split and chunk cut channel dims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 12, 3, padding=1)
+        self.c = nn.Conv2d(20, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.c(torch.cat([F.relu(self.a(x)), self.b(x)], 1))
+        p, q = x.chunk(2, dim=1)
+        return self.fc(torch.cat([p, q.sigmoid()], 1).mean((2, 3)))
+
+
+class FlattenLinear(nn.Module):
+    """Flatten → linear: each channel owns H·W input features of the linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(F.relu(self.c(x)), 4)
+        return self.fc2(F.gelu(self.fc1(torch.flatten(x, 1))))
+
+
+class Norms(nn.Module):
+    """LayerNorm2d (timm), GroupNorm with one and several groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 16, 3, padding=1), LayerNorm2d(16)
+        self.c2, self.n2 = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.c3, self.n3 = nn.Conv2d(16, 8, 1), nn.GroupNorm(1, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.n1(self.c1(x)))
+        x = F.relu(self.n2(self.c2(x)))
+        x = self.n3(self.c3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class Tokens(nn.Module):
+    """Permute/transpose/reshape between NCHW and tokens, a token-mixing linear (MLP-Mixer),
+    layer scale and a channel LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = nn.LayerNorm(16)
+        self.token_fc1, self.token_fc2 = nn.Linear(16, 8), nn.Linear(8, 16)  # over the 16 tokens
+        self.ls = LayerScale(16)
+        self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h * w).transpose(1, 2)  # B, N, C
+        x = x + self.token_fc2(F.gelu(self.token_fc1(x.transpose(1, 2)))).transpose(1, 2)
+        x = x + self.ls(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+        return self.head(x.permute(0, 2, 1).mean(-1))
+
+
+class Heads(nn.Module):
+    """timm Attention (fused or unfused), with a class token and position embedding."""
+
+    def __init__(self, fused: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 32) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, 17, 32) * 0.1)
+        self.attn = Attention(32, num_heads=4, qkv_bias=True)
+        self.attn.fused_attn = fused
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        x = x + self.attn(x)
+        return self.head(x[:, 0])
+
+
+class PixelShuffle(nn.Module):
+    """An op with no channel rule (pixel_shuffle moves channels into space)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.pixel_shuffle(self.c1(x), 2)
+        return self.fc(self.c3(F.relu(self.c2(x))).mean((2, 3)))
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor values: cannot be traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.c(x)
+        if y.sum() > 0:
+            return y.mean((2, 3))
+        return y.amax((2, 3))
+
+
+NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
+                                      Tokens, Heads, PixelShuffle)}

@@ -1,0 +1,212 @@
+"""The group builder: structure on hand-built nets, and the correctness criterion over timm."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import ptsp
+from ptsp.importance import normalised_scores
+from ptsp.pruning import remove_checked
+from ptsp.selection import select
+from ptsp.surgery import criterion_error
+
+from nets import NETS, DataDependent, Heads
+
+EXACT = 1e-4
+
+
+def x_for(shape=(2, 3, 16, 16)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+def by_tensor(groups, tensor, dim=0):
+    return next(g for g in groups for m in g.members if m.tensor == tensor and m.dims == (dim,))
+
+
+def check(model, x, ratio, skip_norm=True):
+    """Prune ``ratio`` of the prunable channels, return the criterion error."""
+    groups = ptsp.build_groups(model, x[:1])
+    scores = normalised_scores(groups, dict(model.named_parameters()))
+    skip = {g.index for g in groups if g.norm_crossing} if skip_norm else set()
+    removed, _ = remove_checked(model, groups, x[:1], skip, lambda s: select(groups, scores, ratio, skip=s))
+    return groups, removed, criterion_error(model, groups, removed, x)
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_hand_built_nets_match_reference(name, ratio):
+    torch.manual_seed(0)
+    model = NETS[name]().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        groups, removed, err = check(model, x_for(), ratio)
+    assert removed.any()
+    assert err <= EXACT
+
+
+def test_conv_chain_groups():
+    model = NETS["ConvChain"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    assert [g.channels for g in groups] == [16, 24, 5]
+    g1 = groups[0]
+    assert {(m.tensor, m.dims, m.role) for m in g1.members} >= {
+        ("c1.weight", (0,), "out"), ("c1.bias", (0,), "out"), ("b1.weight", (0,), "elem"),
+        ("b1.running_var", (0,), "elem"), ("c2.weight", (1,), "in")}
+    # timm's BatchNormAct2d is traced through: its parameters join the conv's group
+    assert any(m.tensor == "b2.running_mean" for m in groups[1].members)
+    assert not groups[2].prunable and "model output" in groups[2].reasons[0]
+    assert "Group 0: 16 channels, prunable" in repr(g1)
+
+
+def test_depthwise_and_grouped_conv():
+    model = NETS["Depthwise"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "pw.weight")
+    assert {m.tensor for m in g.members} >= {"dw.weight", "dw.bias", "gc.weight"}
+    # the grouped conv has 4 groups (4 inputs, 8 outputs each) that go whole: its outputs join
+    # the same group, whose 4 channels each own 4 input and 8 output rows
+    assert g.channels == 4
+    rows = next(m for m in g.members if m.tensor == "gc.weight")
+    assert rows.dims == (0,) and np.array_equal(rows.channel, np.repeat(g.ids, 8))
+
+
+def test_residual_and_gate_couple_producers():
+    model = NETS["Residual"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "stem.weight")
+    tensors = {m.tensor for m in g.members if m.role == "out"}
+    assert tensors == {"stem.weight", "stem.bias", "b.weight", "b.bias", "se_expand.weight", "se_expand.bias"}
+
+
+def test_concat_offsets_and_chunk_pins():
+    model = NETS["Concat"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "a.weight")
+    consumer = next(m for m in g.members if m.tensor == "c.weight")
+    assert consumer.dims == (1,) and consumer.channel.shape == (20,)
+    a_ids = next(m for m in g.members if m.tensor == "a.weight" and m.dims == (0,)).channel
+    assert np.array_equal(consumer.channel[:8], a_ids)
+    chunked = by_tensor(groups, "c.weight")
+    assert not chunked.prunable and any("split or sliced" in r for r in chunked.reasons)
+
+
+def test_flatten_expands_channels_to_features():
+    model = NETS["FlattenLinear"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "c.weight")
+    fc = next(m for m in g.members if m.tensor == "fc1.weight")
+    assert fc.channel.shape == (128,)
+    assert np.array_equal(fc.channel.reshape(8, 16), np.repeat(g.ids[:, None], 16, 1))
+
+
+def test_norms():
+    model = NETS["Norms"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    assert by_tensor(groups, "c1.weight").norm_crossing  # LayerNorm2d over channels
+    gn4 = by_tensor(groups, "c2.weight")
+    assert gn4.channels == 4 and not gn4.norm_crossing  # whole GroupNorm groups: exact
+    assert by_tensor(groups, "c3.weight").norm_crossing  # GroupNorm(1, C)
+
+
+def test_tokens_mixer_layerscale():
+    model = NETS["Tokens"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    residual = by_tensor(groups, "embed.weight")
+    assert {"ls.gamma", "norm.weight", "fc2.weight", "head.weight"} <= {m.tensor for m in residual.members}
+    token_hidden = by_tensor(groups, "token_fc1.weight")
+    assert token_hidden.prunable and token_hidden.channels == 8
+    assert not by_tensor(groups, "token_fc2.weight").prunable  # the token count is fixed
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_heads(fused):
+    model = Heads(fused).eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    heads = by_tensor(groups, "attn.qkv.weight")
+    assert heads.prunable and heads.channels == 4
+    qkv = next(m for m in heads.members if m.tensor == "attn.qkv.weight")
+    assert qkv.channel.shape == (96,) and len(np.unique(qkv.channel)) == 4
+    residual = by_tensor(groups, "embed.weight")
+    assert {"cls_token", "pos_embed", "attn.proj.weight", "head.weight"} <= {m.tensor for m in residual.members}
+    groups, removed, err = check(model, x_for(), 0.5)
+    assert err <= EXACT
+    pruned = ptsp.prune(model, None, 0.5, example_inputs=x_for()[:1])
+    assert pruned.attn.num_heads < 4 and pruned.attn.attn_dim == pruned.attn.num_heads * pruned.attn.head_dim
+
+
+def test_unknown_op_pins_and_warns():
+    model = NETS["PixelShuffle"]().eval()
+    with pytest.warns(UserWarning, match="pixel_shuffle"):
+        groups = ptsp.build_groups(model, x_for()[:1])
+    assert not by_tensor(groups, "c1.weight").prunable
+    assert by_tensor(groups, "c2.weight").prunable
+
+
+def test_untraceable_model():
+    with pytest.raises(ptsp.TraceError, match="cannot trace DataDependent"):
+        ptsp.build_groups(DataDependent(), x_for()[:1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The public list of timm models checked against the criterion (README links it).
+# name -> (creation kwargs, input side)
+TIMM_MODELS = {
+    "resnet18": ({}, 64), "resnet50": ({}, 64), "resnext26ts": ({}, 64),
+    "seresnext26d_32x4d": ({}, 64), "res2net50_14w_8s": ({}, 64), "resnetv2_50": ({}, 64),
+    "regnetx_002": ({}, 64), "regnety_002": ({}, 64), "efficientnet_b0": ({}, 64),
+    "efficientnet_lite0": ({}, 64), "tf_mixnet_s": ({}, 64), "mobilenetv2_050": ({}, 64),
+    "mobilenetv3_small_050": ({}, 64), "mobilenetv3_large_100": ({}, 64), "lcnet_050": ({}, 64),
+    "mnasnet_small": ({}, 64), "ghostnet_050": ({}, 64), "densenet121": ({}, 64), "vgg11": ({}, 64),
+    "convnext_atto": ({}, 64), "convnextv2_atto": ({}, 64), "vit_tiny_patch16_224": ({"img_size": 64}, 64),
+    "deit_tiny_patch16_224": ({"img_size": 64}, 64), "swin_tiny_patch4_window7_224": ({}, 224),
+    "mixer_s16_224": ({"img_size": 64}, 64), "resmlp_12_224": ({"img_size": 64}, 64),
+    "dla34": ({}, 64), "dpn48b": ({}, 64), "inception_v3": ({}, 96), "cspresnet50": ({}, 64),
+    "cspdarknet53": ({}, 64), "rexnet_100": ({}, 64), "repvgg_a0": ({}, 64), "levit_128s": ({}, 224),
+    "hrnet_w18_small": ({}, 64), "poolformer_s12": ({}, 64), "mobilevit_xxs": ({}, 64),
+    "edgenext_xx_small": ({}, 64), "pit_ti_224": ({}, 224), "gernet_s": ({}, 64),
+    "selecsls42b": ({}, 64), "ese_vovnet19b_dw": ({}, 64), "efficientformer_l1": ({}, 224),
+}
+
+
+@pytest.fixture(scope="module")
+def timm_cache():
+    return {}
+
+
+def _timm_case(name, cache):
+    if name not in cache:
+        kwargs, side = TIMM_MODELS[name]
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        x = x_for((2, 3, side, side))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            groups = ptsp.build_groups(model, x[:1])
+        cache[name] = (model, x, groups)
+    return cache[name]
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_timm_models_match_reference(name, ratio, timm_cache):
+    """Exact equality with the reference for every group that does not cross a channel
+    normalisation; with those groups pruned too, the model still runs and stays finite."""
+    model, x, groups = _timm_case(name, timm_cache)
+    scores = normalised_scores(groups, dict(model.named_parameters()))
+    norm = {g.index for g in groups if g.norm_crossing}
+    plan = lambda skip: select(groups, scores, ratio, skip=skip)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if any(g.prunable and g.index not in norm for g in groups):
+            removed, _ = remove_checked(model, groups, x[:1], norm, plan)
+            assert removed.any()
+            assert criterion_error(model, groups, removed, x) <= EXACT
+        removed, _ = remove_checked(model, groups, x[:1], set(), plan)
+    err = criterion_error(model, groups, removed, x)
+    assert np.isfinite(err)
+    if not norm & {g.index for g in groups if removed[g.ids].any()}:
+        assert err <= EXACT

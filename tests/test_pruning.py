@@ -1,0 +1,91 @@
+"""ptsp.prune and ptsp.plan_of: the public entry points, including bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import ptsp
+
+from nets import DataDependent
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return timm.create_model("resnet18", pretrained=False).eval()
+
+
+X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_prune_flops_target_and_plan(resnet):
+    before = _state(resnet)
+    pruned = ptsp.prune(resnet, None, 0.5, target="flops", example_inputs=X)
+    plan = ptsp.plan_of(pruned)
+    assert plan["flops"]["after"] <= 0.5 * plan["flops"]["before"]
+    assert plan["flops"]["after"] > 0.4 * plan["flops"]["before"]
+    assert plan["params"]["after"] == sum(p.numel() for p in pruned.parameters())
+    assert plan["kept"]["conv1"]["weight"]["0"] == sorted(plan["kept"]["conv1"]["weight"]["0"])
+    json.dumps(plan)  # JSON-serialisable
+    assert pruned(X).shape == (1, 1000)
+    after = _state(resnet)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_default_inputs_from_timm_config():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    pruned = ptsp.prune(model, None, 0.3)
+    assert ptsp.plan_of(pruned)["input_shape"] == [1, 3, 224, 224]
+
+
+def test_ignored_layers(resnet):
+    pruned = ptsp.prune(resnet, None, 0.5, example_inputs=X, ignored_layers=[resnet.layer1[0].conv1, "layer4"])
+    assert pruned.layer1[0].conv1.out_channels == 64
+    assert pruned.layer4[0].conv1.out_channels == 512 and pruned.fc.in_features == 512
+    with pytest.raises(ValueError, match="not a module"):
+        ptsp.prune(resnet, None, 0.5, example_inputs=X, ignored_layers=["nope"])
+
+
+def test_deterministic(resnet):
+    a = ptsp.prune(resnet, None, 0.4, example_inputs=X)
+    b = ptsp.prune(resnet, None, 0.4, example_inputs=X)
+    assert ptsp.plan_of(a)["kept"] == ptsp.plan_of(b)["kept"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ratio": 0}, "strictly between 0 and 1"), ({"ratio": 1.0}, "strictly between 0 and 1"),
+    ({"ratio": -0.2}, "strictly between 0 and 1"), ({"ratio": "0.5"}, "strictly between 0 and 1"),
+    ({"method": "psp"}, "needs calibration data"), ({"method": "obs"}, "unknown method"),
+    ({"target": "macs"}, "target must be one of"), ({"importance": "hessian"}, "unknown importance"),
+    ({"round_to": 0}, "round_to"), ({"max_ratio": 1.5}, "max_ratio"),
+])
+def test_bad_arguments(resnet, kwargs, match):
+    before = _state(resnet)
+    args = {"ratio": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ptsp.prune(resnet, None, example_inputs=X, **args)
+    assert all(torch.equal(before[k], v) for k, v in resnet.state_dict().items())
+
+
+def test_untraceable_and_non_module():
+    model = DataDependent()
+    before = _state(model)
+    with pytest.raises(ptsp.TraceError, match="cannot trace"):
+        ptsp.prune(model, None, 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        ptsp.prune(lambda x: x, None, 0.5)
+    with pytest.raises(ValueError, match="example_inputs is required"):
+        ptsp.prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)), None, 0.5)
+
+
+def test_plan_of_unpruned(resnet):
+    with pytest.raises(ValueError, match="not produced by ptsp.prune"):
+        ptsp.plan_of(resnet)

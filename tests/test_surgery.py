@@ -1,0 +1,66 @@
+"""Surgery: every member shrinks, attributes follow, the state_dict is consistent."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+import ptsp
+from ptsp.importance import normalised_scores
+from ptsp.selection import select
+from ptsp.surgery import apply, kept_indices
+
+from nets import Heads
+
+
+def _pruned(model, x, ratio=0.5):
+    groups = ptsp.build_groups(model, x)
+    removed = select(groups, normalised_scores(groups, dict(model.named_parameters())), ratio)
+    return groups, removed, apply(copy.deepcopy(model), kept_indices(groups, removed))
+
+
+def test_attributes_follow_tensors():
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    _, _, pruned = _pruned(model, x)
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[0] == m.out_channels
+            assert m.weight.shape[1] * m.groups == m.in_channels
+        elif isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean.shape[0] == m.num_features == m.weight.shape[0]
+        elif isinstance(m, nn.Linear):
+            assert tuple(m.weight.shape) == (m.out_features, m.in_features)
+    assert pruned(x).shape == (1, 1000)
+
+
+def test_kept_indices_replay_on_fresh_model():
+    """The plan's kept map rebuilds the same pruned model from the original architecture."""
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    groups, removed, pruned = _pruned(model, x)
+    kept = kept_indices(groups, removed)
+    conv1 = kept["layer1.0"]["conv1"] if "conv1" in kept.get("layer1.0", {}) else kept["layer1.0.conv1"]["weight"]
+    assert set(conv1) <= {0, 1}
+    replay = apply(copy.deepcopy(model), kept)
+    for (n1, t1), (n2, t2) in zip(pruned.state_dict().items(), replay.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    fresh = timm.create_model("resnet18", pretrained=False)
+    apply(fresh, kept).load_state_dict(pruned.state_dict())  # shapes line up strictly
+
+
+def test_heads_and_tied_weights():
+    torch.manual_seed(0)
+    model = Heads().eval()
+    x = torch.randn(1, 3, 16, 16)
+    _, _, pruned = _pruned(model, x)
+    attn = pruned.attn
+    assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+    assert attn.proj.in_features == attn.attn_dim
+    tied = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1))
+    tied[4].weight = tied[2].weight
+    _, removed, p = _pruned(tied.eval(), x)
+    assert p[4].weight is p[2].weight and p(x).shape == tied(x).shape
