@@ -52,25 +52,30 @@ def candidates(limit_m: float) -> list[tuple[str, float]]:
     return out
 
 
-def _input_for(model, name: str):
-    """A 96x96 input if the model runs on it, else its default input size."""
+def _create(name: str):
+    """The model and a 96x96 input if it runs on one (built with ``img_size=96`` when it takes
+    that argument), else its default input size."""
+    import timm
     import torch
 
+    model = timm.create_model(name, pretrained=False).eval()
     cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
     small = torch.randn(2, cfg[0], SMALL, SMALL, generator=torch.Generator().manual_seed(0))
-    if cfg[1] > SMALL:
+    if cfg[1] <= SMALL:
+        return model, torch.randn(2, *cfg, generator=torch.Generator().manual_seed(0))
+    for make in (lambda: model, lambda: timm.create_model(name, pretrained=False, img_size=SMALL).eval()):
         try:
+            m = make()
             with torch.no_grad():
-                model(small)
-            return small
+                m(small[:1])
+            return m, small
         except Exception:
-            pass
-    return torch.randn(2, *cfg, generator=torch.Generator().manual_seed(0))
+            continue
+    return model, torch.randn(2, *cfg, generator=torch.Generator().manual_seed(0))
 
 
 def run_one(name: str) -> dict:
     import numpy as np
-    import timm
     import torch
 
     from ptsp.counting import count
@@ -83,11 +88,10 @@ def run_one(name: str) -> dict:
     torch.manual_seed(0)
     row: dict = {"model": name}
     try:
-        model = timm.create_model(name, pretrained=False).eval()
+        model, x = _create(name)
     except Exception as exc:
         return {**row, "status": "skip", "error": f"create: {type(exc).__name__}: {exc}"[:300]}
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-    x = _input_for(model, name)
     row["input"] = "x".join(map(str, x.shape[1:]))
     try:
         t0 = time.perf_counter()

@@ -1,0 +1,22 @@
+# The README's commands. Installs pin the torch/torchvision pair known to work (constraints.txt).
+PYTHON ?= python3
+PIP_INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: install demo test test-slow coverage
+
+install:
+	$(PIP_INSTALL) -e .
+
+demo: install
+	$(PYTHON) -m ptsp.cli prune --model resnet50 --ratio 0.5 --target flops
+
+test:
+	$(PIP_INSTALL) -e ".[dev]"
+	$(PYTHON) -m pytest -q
+
+test-slow:
+	$(PIP_INSTALL) -e ".[dev]"
+	$(PYTHON) -m pytest -q -m slow
+
+coverage: install
+	$(PYTHON) recipes/coverage.py
