@@ -603,18 +603,20 @@ def slice_(ctx: Context, a: dict, out: Any) -> Value:
     return _slice_out(ctx, x, dim, idx, True, out)
 
 
-@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
+@rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
 def split(ctx: Context, a: dict, out: Any) -> list[Value]:
     x = a["self"]
     dim = a.get("dim", 0) % len(x.shape)
-    results, start = [], 0
-    keep = "unbind" not in str(ctx.node.target)
-    for shape in out:
-        n = shape[dim] if keep else 1
-        idx = np.arange(start, start + n) if keep else start
-        results.append(_slice_out(ctx, x, dim, idx, keep, shape))
-        start += n
-    return results
+    starts = np.cumsum([0] + [shape[dim] for shape in out])
+    return [_slice_out(ctx, x, dim, np.arange(starts[i], starts[i + 1]), True, shape)
+            for i, shape in enumerate(out)]
+
+
+@rule(aten.unbind)
+def unbind(ctx: Context, a: dict, out: Any) -> list[Value]:
+    x = a["self"]
+    dim = a.get("dim", 0) % len(x.shape)
+    return [_slice_out(ctx, x, dim, i, False, shape) for i, shape in enumerate(out)]
 
 
 @rule(aten.cat, aten.concat)
@@ -680,23 +682,33 @@ def index(ctx: Context, a: dict, out: Any) -> Value:
     return Value(tuple(out), _shift(comps, lambda k: k + extra if k > d else k))
 
 
-@rule(aten.index_select, aten.gather, aten.repeat, aten.roll, aten.flip, aten.softmax,
-      aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum, aten.repeat_interleave)
-def along_dims(ctx: Context, a: dict, out: Any) -> Value:
-    """Ops acting along some dims (reordering, gathering, normalising): channels there are pinned."""
+def _pin_along(ctx: Context, x: Value, dims: list[int], out: Any) -> Value:
+    """Channels along ``dims`` are reordered, gathered or mixed: pin them; others pass through."""
+    comps = _pin_touching(ctx, _comps(ctx, x), set(dims), f"channels mixed along dims {dims}")
+    return Value(tuple(out), comps if len(out) == len(x.shape) else [])
+
+
+@rule(aten.index_select, aten.gather, aten.softmax, aten._softmax, aten.log_softmax,
+      aten._log_softmax, aten.cumsum, aten.repeat_interleave)
+def along_dim(ctx: Context, a: dict, out: Any) -> Value:
     x = a["self"] if "self" in a else a["input"]
     nd = len(x.shape)
-    if "dims" in a or "repeats" in a:
-        dims = a.get("dims")
-        if "repeats" in a and isinstance(a["repeats"], (list, tuple)):
-            dims = [d for d, r in enumerate(a["repeats"][-nd:]) if r != 1] if nd else []
-        elif "repeats" in a:
-            dims = a.get("dim")
-        dims = _norm_dims(dims, nd) if dims is not None or "shifts" not in a else list(range(nd))
-    else:
-        dims = _norm_dims(a.get("dim"), nd)
-    comps = _pin_touching(ctx, _comps(ctx, x), set(dims), f"channels mixed along dims {dims}")
-    return Value(tuple(out), comps if tuple(out) == tuple(x.shape) or len(out) == nd else [])
+    return _pin_along(ctx, x, _norm_dims(a.get("dim"), nd) if a.get("dim") is not None else list(range(nd)), out)
+
+
+@rule(aten.roll, aten.flip)
+def along_dims(ctx: Context, a: dict, out: Any) -> Value:
+    x = a["self"]
+    return _pin_along(ctx, x, _norm_dims(a.get("dims") or None, len(x.shape)), out)
+
+
+@rule(aten.repeat)
+def repeat(ctx: Context, a: dict, out: Any) -> Value:
+    x, reps = a["self"], list(a["repeats"])
+    lead = len(reps) - len(x.shape)
+    dims = [d - lead for d, r in enumerate(reps) if r != 1 and d >= lead]
+    res = _pin_along(ctx, x, dims, tuple(out)[lead:])
+    return Value(tuple(out), _shift(res.comps, lambda d: d + lead))
 
 
 @rule(aten.mean, aten.sum, aten.amax, aten.amin, aten.max, aten.min, aten.var, aten.std,
@@ -716,22 +728,24 @@ def reduction(ctx: Context, a: dict, out: Any) -> Any:
     return Value(tuple(out), comps)
 
 
-@rule(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.max_pool1d, aten.max_pool2d,
-      aten.max_pool3d, aten.max_pool2d_with_indices, aten.adaptive_avg_pool1d,
-      aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool1d,
-      aten.adaptive_max_pool2d, aten._adaptive_avg_pool2d, aten.upsample_nearest2d,
-      aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_nearest1d,
-      aten.upsample_linear1d, aten._upsample_nearest_exact2d, aten.pixel_unshuffle)
-def spatial(ctx: Context, a: dict, out: Any) -> Any:
-    """Pooling and resampling act on the dims after the channel dim."""
-    x = a["self"] if "self" in a else a["input"]
-    nd = len(x.shape)
-    first = 1 if nd in (2, 3) and "1d" in str(ctx.node.target) and nd == 2 else 2
-    if "pixel_unshuffle" in str(ctx.node.target):
-        first = 1
-    comps = _pin_touching(ctx, _comps(ctx, x), set(range(first, nd)), "channels mixed by pooling")
-    res = Value(tuple(out[0] if isinstance(out, list) else out), comps)
-    return [res] + [Value(s, []) for s in out[1:]] if isinstance(out, list) else res
+def _spatial(k: int) -> Rule:
+    def spatial(ctx: Context, a: dict, out: Any) -> Any:
+        """Pooling and resampling act on the last ``k`` dims only."""
+        x = a["self"] if "self" in a else a["input"]
+        nd = len(x.shape)
+        comps = _pin_touching(ctx, _comps(ctx, x), set(range(nd - k, nd)), "channels mixed by pooling")
+        res = Value(tuple(out[0] if isinstance(out, list) else out), comps)
+        return [res] + [Value(s, []) for s in out[1:]] if isinstance(out, list) else res
+    return spatial
+
+
+rule(aten.avg_pool1d, aten.max_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d,
+     aten.upsample_nearest1d, aten.upsample_linear1d)(_spatial(1))
+rule(aten.avg_pool2d, aten.max_pool2d, aten.max_pool2d_with_indices, aten.adaptive_avg_pool2d,
+     aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d,
+     aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten._upsample_nearest_exact2d)(_spatial(2))
+rule(aten.avg_pool3d, aten.max_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d,
+     aten.upsample_nearest3d, aten.upsample_trilinear3d)(_spatial(3))
 
 
 @rule(aten.pad, aten.constant_pad_nd, aten.reflection_pad1d, aten.reflection_pad2d,
