@@ -144,7 +144,7 @@ def build_groups(model: nn.Module, example_inputs: Any) -> Groups:
         if node.op == "placeholder":
             shape = shape_of(node)
             name = trace.params.get(node.name)
-            env[node.name] = Value(shape, [], name, name in trace.buffers) if shape is not None else None
+            env[node.name] = Value(shape, [], name) if shape is not None else None
         elif node.op == "call_function":
             env[node.name] = _apply(ctx, node, resolve, sites, touched)
         elif node.op == "output":

@@ -44,13 +44,6 @@ class Value:
     shape: tuple[int, ...]
     comps: list[Comp]
     param: str | None = None  # fully-qualified name when the tensor is a parameter or buffer
-    is_buffer: bool = False
-
-    def comp_on(self, dim: int) -> Comp | None:
-        for c in self.comps:
-            if dim in c.dims:
-                return c
-        return None
 
 
 @dataclasses.dataclass
@@ -214,8 +207,6 @@ class Trace:
 
     graph: torch.fx.Graph
     params: dict[str, str]  # graph placeholder name -> parameter/buffer fully-qualified name
-    buffers: set[str]
-    user_inputs: list[str]
     modules: dict[str, nn.Module]
 
 
@@ -238,17 +229,9 @@ def export(model: nn.Module, example_inputs: Any) -> Trace:
         torch.fx.config.do_not_emit_stack_traces = emit
         model.train(was_training)
     sig = ep.graph_signature
-    params, buffers, user_inputs = {}, set(), []
-    for spec in sig.input_specs:
-        name = spec.arg.name if hasattr(spec.arg, "name") else None
-        kind = spec.kind.name
-        if kind in ("PARAMETER", "BUFFER") and name is not None:
-            params[name] = spec.target
-            if kind == "BUFFER":
-                buffers.add(spec.target)
-        elif kind == "USER_INPUT" and name is not None:
-            user_inputs.append(name)
-    return Trace(ep.graph, params, buffers, user_inputs, dict(model.named_modules()))
+    params = {spec.arg.name: spec.target for spec in sig.input_specs
+              if spec.kind.name in ("PARAMETER", "BUFFER") and hasattr(spec.arg, "name")}
+    return Trace(ep.graph, params, dict(model.named_modules()))
 
 
 def shape_of(node: Any) -> Any:

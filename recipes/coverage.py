@@ -52,6 +52,20 @@ def candidates(limit_m: float) -> list[tuple[str, float]]:
     return out
 
 
+def cached_candidates(path: Path, limit_m: float) -> list[str]:
+    """:func:`candidates`, cached in ``path`` for this timm version and limit (listing takes minutes)."""
+    import timm
+
+    header = f"# timm {timm.__version__}, models under {limit_m:g}M parameters"
+    if path.exists():
+        lines = path.read_text().splitlines()
+        if lines and lines[0] == header:
+            return [line.split()[0] for line in lines[1:] if line.strip()]
+    found = candidates(limit_m)
+    path.write_text("\n".join([header] + [f"{n} {p}" for n, p in found]) + "\n")
+    return [n for n, _ in found]
+
+
 def _create(name: str):
     """The model and a 96x96 input if it runs on one (built with ``img_size=96`` when it takes
     that argument), else its default input size."""
@@ -161,7 +175,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "coverage.csv"
-    names = args.models or [n for n, _ in candidates(args.limit)]
+    names = args.models or cached_candidates(args.out / "models.txt", args.limit)
     done = {}
     if csv_path.exists() and not args.rerun:
         with open(csv_path) as f:
