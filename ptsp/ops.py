@@ -426,9 +426,11 @@ def group_norm(ctx: Context, a: dict, out: Any) -> Any:
         else:  # whole normalisation groups go together, so the others' statistics are untouched
             blocks = vec.reshape(g, -1)
             ctx.unify(blocks, np.broadcast_to(blocks[:, :1], blocks.shape))
+        if g == 1 and a.get("weight") is None:
+            ctx.pin(vec, "channel normalisation without parameters")
         for t in (a.get("weight"), a.get("bias")):
             if isinstance(t, Value) and t.param is not None:
-                ctx.add_member(t, (0,), vec, "elem")
+                ctx.add_member(t, (0,), vec, "norm" if g == 1 else "elem")
     res = Value(tuple(x.shape), [Comp((1,), vec)] if vec is not None else [])
     return [res] + [Value(s, []) for s in out[1:]] if isinstance(out, list) else res
 
@@ -444,10 +446,12 @@ def layer_norm(ctx: Context, a: dict, out: Any) -> Any:
         inside = set(c.dims) & normed
         if not inside:
             continue
-        if set(c.dims) <= normed:
+        if set(c.dims) <= normed and a.get("weight") is None:
+            ctx.pin(c.atoms, "channel normalisation without parameters")
+        elif set(c.dims) <= normed:
             ctx.mark_norm(c.atoms)
             for t in params:
-                ctx.add_member(t, tuple(d - (nd - k) for d in c.dims), c.atoms, "elem")
+                ctx.add_member(t, tuple(d - (nd - k) for d in c.dims), c.atoms, "norm")
         else:  # e.g. a norm over each head's features: shared weights, so those dims keep their size
             for d in inside:
                 ctx.require_invariant(c.atoms, c.dims.index(d))

@@ -53,7 +53,9 @@ class Member:
     tensor: str
     dims: tuple[int, ...]
     atoms: np.ndarray
-    role: str  # "out" (producer rows), "in" (consumer columns) or "elem" (per-channel tensors)
+    # "out" (producer rows), "in" (consumer columns), "elem" (per-channel tensors) or "norm" (the
+    # parameters of a normalisation whose statistics are taken over these channels)
+    role: str
 
 
 class UnionFind:
