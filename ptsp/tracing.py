@@ -241,20 +241,30 @@ def export(model: nn.Module, example_inputs: Any) -> Trace:
 def _make_fx(model: nn.Module, args: tuple) -> Trace:
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    # every name of every tensor (a module registered twice has two), each mapped to the
+    # canonical name that named_parameters()/named_buffers() report
+    canonical = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
 
     def forward(tensors: dict, *args: Any) -> Any:
-        return torch.func.functional_call(model, tensors, args)
+        return torch.func.functional_call(model, tensors, args, tie_weights=False)
 
     forward._orig_mod = model  # makes make_fx record nn_module_stack
-    with torch.no_grad():
-        gm = make_fx(forward, tracing_mode="fake", pre_dispatch=True, record_module_stack=True)(tensors, *args)
+    slots = [(m, k, v) for m in model.modules() for d in (m._parameters, m._buffers) for k, v in d.items()]
+    try:
+        with torch.no_grad():
+            gm = make_fx(forward, tracing_mode="fake", pre_dispatch=True,
+                         record_module_stack=True)(tensors, *args)
+    finally:  # functional_call must leave the model as it was, whatever happened
+        for m, k, v in slots:
+            (m._parameters if k in m._parameters else m._buffers)[k] = v
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = list(tensors)
     if len(placeholders) < len(names) or any(
             tuple(n.meta["val"].shape) != tuple(tensors[k].shape) for n, k in zip(placeholders, names)):
         raise TraceError("make_fx placeholders do not line up with the model's tensors")
-    params = {n.name: k for n, k in zip(placeholders, names)}
+    params = {n.name: canonical[id(tensors[k])] for n, k in zip(placeholders, names)}
     return Trace(gm.graph, params, dict(model.named_modules()))
 
 

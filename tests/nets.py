@@ -158,6 +158,22 @@ class PixelShuffle(nn.Module):
         return self.fc(self.c3(F.relu(self.c2(x))).mean((2, 3)))
 
 
+class SharedModule(nn.Module):
+    """One conv registered under two names and applied twice (as CoaT-lite shares its CPE)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.blocks = nn.ModuleList([nn.Sequential(self.mix, nn.ReLU())])
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.blocks[0](x)
+        return self.fc(self.mix(x).mean((2, 3)))
+
+
 class DataDependent(nn.Module):
     """Control flow on tensor values: cannot be traced."""
 
@@ -173,4 +189,4 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, PixelShuffle)}
+                                      Tokens, Heads, PixelShuffle, SharedModule)}

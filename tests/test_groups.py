@@ -145,6 +145,16 @@ def test_unknown_op_pins_and_warns():
     assert by_tensor(groups, "c2.weight").prunable
 
 
+def test_tracing_leaves_the_model_as_it_was():
+    model = NETS["SharedModule"]().eval()
+    before = {n: t for n, t in model.named_parameters(remove_duplicate=False)}
+    groups = ptsp.build_groups(model, x_for()[:1])
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert all(after[n] is t and type(t) is torch.nn.Parameter for n, t in before.items())
+    # the shared conv's tensors are members under one name only
+    assert not any(m.tensor.startswith("blocks.") for g in groups for m in g.members)
+
+
 def test_untraceable_model():
     with pytest.raises(ptsp.TraceError, match="cannot trace DataDependent"):
         ptsp.build_groups(DataDependent(), x_for()[:1])
