@@ -65,8 +65,9 @@ def main() -> None:
         ratio = f"{ours / theirs:.1f}x" if theirs else "n/a"
         lines.append(f"| {name} | {size} | {ours:.3f} | {theirs:.3f} | {ratio} |" if theirs
                      else f"| {name} | {size} | {ours:.3f} | n/a | n/a |")
-    lines += ["", "ptsp traces with torch.export (ATen ops with shapes on every node), which is most of "
-              "its time; Torch-Pruning walks autograd nodes of one forward pass."]
+    lines += ["", "Most of ptsp's time is tracing to a pre-dispatch ATen graph with shapes on every node "
+              "(make_fx, as torch.export does); Torch-Pruning walks the autograd nodes of one forward "
+              "pass and records no shapes. Target: under 1 s for resnet50 at 224x224."]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
