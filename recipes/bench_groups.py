@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from importlib.metadata import version
 import sys
 import time
 import warnings
@@ -59,7 +60,7 @@ def main() -> None:
              f"Regenerate: `python recipes/bench_groups.py {' '.join(sys.argv[1:])}`".rstrip("` ") + "`", "",
              f"Median of {args.runs} runs after one warm-up, batch 1, CPU, torch {torch.__version__}, "
              f"{threads} threads. Torch-Pruning: "
-             + (f"{tp.__version__}, DependencyGraph().build_dependency" if tp else "not installed") + ".", "",
+             + (f"{version('torch-pruning')}, DependencyGraph().build_dependency" if tp else "not installed") + ".", "",
              "| model | input | ptsp build_groups (s) | Torch-Pruning (s) | ratio |", "|---|---|---|---|---|"]
     for name, size, ours, theirs in rows:
         ratio = f"{ours / theirs:.1f}x" if theirs else "n/a"
