@@ -199,7 +199,7 @@ def _apply(ctx: Context, node: torch.fx.Node, resolve, sites: list, touched: dic
     stack = node.meta.get("nn_module_stack") or {}
     if stack:  # remember which channels each module's code handles (see Groups.touching)
         path = list(stack.values())[-1][0]
-        arrays = [c.atoms.ravel() for v in list(ops._tensors(a)) + list(_flatten(res))
+        arrays = [c.atoms.ravel() for v in list(ops.tensor_args(a)) + list(_flatten(res))
                   if isinstance(v, Value) for c in v.comps]
         if arrays:
             touched.setdefault(path, []).extend(arrays)

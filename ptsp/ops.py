@@ -20,6 +20,7 @@ aten = torch.ops.aten
 Rule = Callable[[Context, dict, Any], Any]
 RULES: dict[Any, Rule] = {}
 
+
 def rule(*ops: Any) -> Callable[[Rule], Rule]:
     def register(fn: Rule) -> Rule:
         for op in ops:
@@ -57,7 +58,8 @@ def bind(target: Any, args: tuple, kwargs: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _tensors(a: dict) -> list[Value]:
+def tensor_args(a: dict) -> list[Value]:
+    """The tensor values among bound arguments (lists of tensors included)."""
     vals = []
     for v in a.values():
         if isinstance(v, Value):
@@ -205,7 +207,7 @@ def elementwise(ctx: Context, vals: list[Value], out_shape: tuple[int, ...]) -> 
 
 
 def pointwise(ctx: Context, a: dict, out: Any) -> Value:
-    return elementwise(ctx, _tensors(a), out)
+    return elementwise(ctx, tensor_args(a), out)
 
 
 @rule(aten.dropout, aten.alias, aten.contiguous, aten.clone, aten.detach, aten._to_copy, aten.to,
@@ -290,7 +292,6 @@ def _linear(ctx: Context, x: Value, w: Value, b: Value | None, out: tuple[int, .
     last = len(x.shape) - 1
     vec, rest = _channel_vector(ctx, ctx.canon(x), last, "linear input features not separable")
     if w.param is None:
-        ctx.rigid(w, "computed linear weight")
         if vec is not None:
             ctx.pin(vec, "linear with a computed weight")
         return Value(tuple(out), rest)
@@ -316,7 +317,8 @@ def _transpose_last(v: Value) -> Value:
 
 
 def _matmul(ctx: Context, x: Value, y: Value, out: tuple[int, ...]) -> Value:
-    """Batched matrix product of two activations (or an activation and a 2-D parameter)."""
+    """Batched matrix product of two activations: a contracted channel dim that reaches the
+    output through batch dims (attention heads) collapses per batch index; otherwise it is pinned."""
     if len(x.shape) < 2 or len(y.shape) < 2:
         return unknown(ctx, {"self": x, "other": y}, out)
     if x.param is not None or y.param is not None:
@@ -406,9 +408,9 @@ def batch_norm(ctx: Context, a: dict, out: Any) -> Any:
     tensors = [a.get(n) for n in ("weight", "bias", "running_mean", "running_var")]
     _per_channel(ctx, x, tensors, 1, "batch norm")
     comps = ctx.canon(x)
-    _pin_touching(ctx, [c for c in comps if 1 not in c.dims], set(range(2, len(x.shape))),
-                  "channels mixed by batch statistics")
-    res = Value(tuple(x.shape), [c for c in comps if c.dims == (1,)])
+    rest = _pin_touching(ctx, [c for c in comps if 1 not in c.dims], set(range(2, len(x.shape))),
+                         "channels mixed by batch statistics")
+    res = Value(tuple(x.shape), [c for c in comps if c.dims == (1,)] + rest)
     if isinstance(out, list):
         return [res] + [Value(s, []) if s else None for s in out[1:]]
     return res
@@ -419,7 +421,7 @@ def group_norm(ctx: Context, a: dict, out: Any) -> Any:
     x, g = a["input"], int(a.get("num_groups", a.get("group", 1)))
     comps = ctx.canon(x)
     vec, rest = _channel_vector(ctx, comps, 1, "group norm channels not separable")
-    _pin_touching(ctx, rest, set(range(2, len(x.shape))), "channels mixed by group norm")
+    rest = _pin_touching(ctx, rest, set(range(2, len(x.shape))), "channels mixed by group norm")
     if vec is not None:
         if g == 1:
             ctx.mark_norm(vec)
@@ -431,7 +433,7 @@ def group_norm(ctx: Context, a: dict, out: Any) -> Any:
         for t in (a.get("weight"), a.get("bias")):
             if isinstance(t, Value) and t.param is not None:
                 ctx.add_member(t, (0,), vec, "norm" if g == 1 else "elem")
-    res = Value(tuple(x.shape), [Comp((1,), vec)] if vec is not None else [])
+    res = Value(tuple(x.shape), ([Comp((1,), vec)] if vec is not None else []) + rest)
     return [res] + [Value(s, []) for s in out[1:]] if isinstance(out, list) else res
 
 
@@ -771,7 +773,7 @@ def getitem(ctx: Context, a: dict, out: Any) -> Any:
 def unknown(ctx: Context, a: dict, out: Any) -> Any:
     """No rule: every channel reaching the op is pinned and its outputs are fixed-size."""
     touched = False
-    for v in _tensors(a):
+    for v in tensor_args(a):
         comps = _comps(ctx, v)
         if comps:
             touched = True
