@@ -272,8 +272,7 @@ def conv(ctx: Context, a: dict, out: Any) -> Value:
     else:
         atoms = ctx.fresh([o])
         ctx.add_member(w, (0,), atoms, "out")
-    if b is not None and b.param is not None:
-        ctx.add_member(b, (0,), atoms, "out")
+    _attach(ctx, b, atoms, "out", "conv")
     if groups == 1:
         if vec is not None and w.param is not None:
             ctx.add_member(w, (1,), vec, "in")
@@ -297,8 +296,7 @@ def _linear(ctx: Context, x: Value, w: Value, b: Value | None, out: tuple[int, .
         return Value(tuple(out), rest)
     atoms = ctx.fresh([w.shape[0]])
     ctx.add_member(w, (0,), atoms, "out")
-    if b is not None and b.param is not None:
-        ctx.add_member(b, (0,), atoms, "out")
+    _attach(ctx, b, atoms, "out", "linear")
     if vec is not None:
         ctx.add_member(w, (1,), vec, "in")
     return Value(tuple(out), rest + [Comp((len(out) - 1,), atoms)])
@@ -385,19 +383,27 @@ def sdpa(ctx: Context, a: dict, out: Any) -> Value:
 # ------------------------------------------------------------------------------------------------
 # normalisation
 # ------------------------------------------------------------------------------------------------
+def _attach(ctx: Context, t: Any, vec: np.ndarray, role: str, what: str) -> None:
+    """A per-channel tensor (bias, norm parameter, running statistic) indexed by ``vec``: a
+    parameter becomes a member; a computed one (e.g. a bias concatenated at run time) must
+    shrink with the channels, so its own channels are coupled to them."""
+    if not isinstance(t, Value):
+        return
+    if t.param is not None:
+        ctx.add_member(t, (0,), vec, role)
+        return
+    own = next((c.atoms for c in ctx.canon(t) if c.dims == (0,)), None)
+    if own is not None and own.shape == vec.shape:
+        ctx.unify(own, vec)
+    elif t.shape and t.shape[0] > 1:
+        ctx.pin(vec, f"{what} with a fixed-size computed argument")
+
+
 def _per_channel(ctx: Context, x: Value, tensors: list[Any], dim: int, what: str) -> np.ndarray | None:
-    comps = ctx.canon(x)
-    vec, rest = _channel_vector(ctx, comps, dim, f"{what} channels not separable")
+    vec, _ = _channel_vector(ctx, ctx.canon(x), dim, f"{what} channels not separable")
     if vec is not None:
         for t in tensors:
-            if isinstance(t, Value) and t.param is not None:
-                ctx.add_member(t, (0,), vec, "elem")
-            elif isinstance(t, Value):  # a computed per-channel tensor must shrink with the input
-                own = next((c.atoms for c in ctx.canon(t) if c.dims == (0,)), None)
-                if own is not None:
-                    ctx.unify(own, vec)
-                elif t.shape and t.shape[0] > 1:
-                    ctx.pin(vec, f"{what} with a fixed-size computed argument")
+            _attach(ctx, t, vec, "elem", what)
     return vec
 
 
