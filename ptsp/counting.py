@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .groups import Groups, SiteTensor
-from .surgery import removed_slices
+from .surgery import removed_slices, whole_slices
 
 
 def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
@@ -82,6 +82,5 @@ def _meta(arg: Any, ext: np.ndarray, tensor_shapes: dict) -> Any:
     for dims, ids in arg.comps:
         gone = ext[ids]
         for ax, d in enumerate(dims):
-            planes = np.moveaxis(gone, ax, 0).reshape(gone.shape[ax], -1).all(axis=1)
-            shape[d] -= int(planes.sum())
+            shape[d] -= len(whole_slices(gone, ax))
     return torch.empty(shape, device="meta")

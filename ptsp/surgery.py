@@ -20,6 +20,11 @@ from .groups import Groups
 Kept = dict[str, dict[str, dict[int, list[int]]]]
 
 
+def whole_slices(gone: np.ndarray, axis: int) -> np.ndarray:
+    """Indices along ``axis`` whose entire slice of the boolean array ``gone`` is True."""
+    return np.flatnonzero(np.moveaxis(gone, axis, 0).reshape(gone.shape[axis], -1).all(axis=1))
+
+
 def removed_slices(groups: Groups, removed: np.ndarray) -> dict[str, dict[int, np.ndarray]]:
     """For each tensor, the indices removed along each dim (only dims that lose something)."""
     ext = np.append(removed, False)  # channel id -1 (never removed) maps to the last entry
@@ -32,8 +37,7 @@ def removed_slices(groups: Groups, removed: np.ndarray) -> dict[str, dict[int, n
             if not gone.any():
                 continue
             for ax, dim in enumerate(m.dims):
-                planes = np.moveaxis(gone, ax, 0).reshape(gone.shape[ax], -1).all(axis=1)
-                idx = np.flatnonzero(planes)
+                idx = whole_slices(gone, ax)
                 if idx.size:
                     out.setdefault(m.tensor, {}).setdefault(dim, set()).update(idx.tolist())
     return {t: {d: np.array(sorted(s)) for d, s in dims.items()} for t, dims in out.items()}

@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--rerun", action="store_true", help="ignore earlier results")
+    ap.add_argument("--report", action="store_true", help="only rewrite coverage.md from the CSV")
     ap.add_argument("--redo", nargs="*", default=[], metavar="STATUS",
                     help="run again the models whose earlier status is one of these (e.g. error timeout)")
     args = ap.parse_args()
@@ -176,7 +177,7 @@ def main() -> None:
                 writer = csv.DictWriter(f, FIELDS)
                 writer.writeheader()
                 writer.writerows({k: r.get(k, "") for k in FIELDS} for r in done.values())
-    todo = [n for n in names if n not in done]
+    todo = [] if args.report else [n for n in names if n not in done]
     print(f"{len(names)} models, {len(done)} already done, {len(todo)} to run", flush=True)
     write_header = not csv_path.exists() or args.rerun
     with open(csv_path, "w" if args.rerun else "a", newline="") as f:
@@ -189,7 +190,7 @@ def main() -> None:
             done[row["model"]] = row
             print(f"{row['model']:45s} {row['status']:8s} {row.get('error', '') or ''}", flush=True)
     rows = [done[n] for n in names if n in done]
-    summary = write_markdown(rows, args.out / "coverage.md", " ".join(sys.argv[1:]))
+    summary = write_markdown(rows, len(names), args.out / "coverage.md")
     print(summary)
 
 
@@ -230,7 +231,7 @@ def _run_pool(todo: list[str], workers: int, timeout: float):
         p.join(5)
 
 
-def write_markdown(rows: list[dict], path: Path, argv: str) -> str:
+def write_markdown(rows: list[dict], planned: int, path: Path) -> str:
     n = len(rows)
     by = {k: [r for r in rows if r["status"] == k] for k in ("pass", "corrupt", "error", "timeout", "skip")}
     tried = n - len(by["skip"])
@@ -246,13 +247,17 @@ def write_markdown(rows: list[dict], path: Path, argv: str) -> str:
     big = [r for r in conv if f(r["flops_red"]) >= 0.6 and f(r["params_red"]) >= 0.6]
     build = sorted(f(r["build_s"]) for r in passed if f(r.get("build_s"), None) is not None)
     med = build[len(build) // 2] if build else float("nan")
-    summary = (f"{len(passed)}/{tried} models pass ({100 * len(passed) / max(tried, 1):.1f}%); "
+    summary = (f"{n} of {planned} models run. {len(passed)}/{tried} models pass ({100 * len(passed) / max(tried, 1):.1f}%); "
                f"silent corruptions: {len(by['corrupt'])}; errors: {len(by['error'])}; "
                f"timeouts: {len(by['timeout'])}; skipped (cannot run here): {len(by['skip'])}. "
                f"{len(big)}/{len(conv)} pruned models lose >= 60% of params and FLOPs at 50% of "
                f"prunable channels; median group build {med:.2f} s.")
     lines = ["# ptsp coverage over timm", "",
-             f"Regenerate: `python recipes/coverage.py {argv}`".rstrip() + " (resumable; `--rerun` starts over)", "",
+             "Regenerate: `python recipes/coverage.py` (resumable: it runs the models not yet in "
+             "coverage.csv; `--rerun` starts over, `--redo error timeout` retries failures, "
+             "`--report` only rewrites this file). Each model: timm `pretrained=False`, 96x96 input "
+             "where the model runs on it (built with `img_size=96` when it takes that argument), "
+             "one worker process per model with a 180 s limit, 1 thread.", "",
              summary, "",
              "Columns: prunable_frac = prunable channels / all channels; err = relative max-abs "
              "difference to the reference of the correctness criterion (pass: <= 1e-4); "
