@@ -18,7 +18,9 @@ EXAMPLES = """examples:
 
 def _model(args: argparse.Namespace):
     import timm
+    import torch
 
+    torch.manual_seed(0)  # random-init models (no --pretrained) are the same on every run
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained)
     except RuntimeError as exc:

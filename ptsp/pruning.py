@@ -16,7 +16,7 @@ from .counting import Estimator, count
 from .groups import Groups, build_groups
 from .importance import IMPORTANCE, normalised_scores
 from .selection import TARGETS, select
-from .surgery import apply, kept_indices
+from .surgery import Kept, apply, kept_indices
 
 #: methods that need calibration data (post-training reconstruction)
 DATA_METHODS = ("bn", "layerwise", "global", "psp")
@@ -84,12 +84,11 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     scores = normalised_scores(groups, tensors, importance)
     estimator = Estimator(model, groups)
     t0 = time.perf_counter()
-    removed, pruned = remove_checked(
+    removed, kept, pruned = remove_checked(
         model, groups, inputs, skip,
         lambda skip: select(groups, scores, ratio, target, estimator=estimator,
                             max_ratio=max_ratio, round_to=round_to, skip=skip))
     times["plan_and_surgery"] = time.perf_counter() - t0
-    kept = kept_indices(groups, removed)
     params_after, flops_after = count(pruned, inputs)
     plan = {
         "ptsp_version": __version__,
@@ -137,8 +136,9 @@ MAX_REPAIRS = 20
 
 
 def remove_checked(model: nn.Module, groups: Groups, inputs: Any, skip: set[int],
-                   plan: Callable[[set[int]], np.ndarray]) -> tuple[np.ndarray, nn.Module]:
-    """Apply ``plan(skip)`` to a copy of ``model`` and run it on ``inputs``.
+                   plan: Callable[[set[int]], np.ndarray]) -> tuple[np.ndarray, Kept, nn.Module]:
+    """Apply ``plan(skip)`` to a copy of ``model`` and run it on ``inputs``; returns the removal
+    mask, the kept map and the pruned copy.
 
     Some module code bakes widths into attributes the graph cannot see (``x.view(self.shape)``).
     When the pruned copy fails, the groups whose channels pass through the failing module are
@@ -150,13 +150,14 @@ def remove_checked(model: nn.Module, groups: Groups, inputs: Any, skip: set[int]
         expected = _output_shape(model, args)
     for _ in range(MAX_REPAIRS):
         removed = plan(skip)
-        pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
+        kept = kept_indices(groups, removed)
+        pruned = apply(copy.deepcopy(model), kept)
         failure = _failing_module(pruned, args, expected)
         if failure is None:
             if notes:
                 warnings.warn("ptsp: left unpruned because module code assumes fixed widths: "
                               + "; ".join(notes), stacklevel=3)
-            return removed, pruned
+            return removed, kept, pruned
         path, error = failure
         culprits: set[int] = set()
         while True:  # the failing module's code is shared by every module of its class

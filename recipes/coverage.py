@@ -125,7 +125,7 @@ def run_one(name: str) -> dict:
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            removed, pruned = remove_checked(model, groups, x[:1], set(),
+            removed, _, pruned = remove_checked(model, groups, x[:1], set(),
                                              lambda skip: select(groups, scores, 0.5, skip=skip))
         row["prune_s"] = round(time.perf_counter() - t0, 3)
         row["repaired"] = "; ".join(str(w.message) for w in caught if "module code" in str(w.message))[:300]
@@ -157,7 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", help="model names (default: every timm model under --limit)")
     ap.add_argument("--limit", type=float, default=100.0, help="parameter limit in millions")
-    ap.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--rerun", action="store_true", help="ignore earlier results")
@@ -257,7 +257,7 @@ def write_markdown(rows: list[dict], planned: int, path: Path) -> str:
              "coverage.csv; `--rerun` starts over, `--redo error timeout` retries failures, "
              "`--report` only rewrites this file). Each model: timm `pretrained=False`, 96x96 input "
              "where the model runs on it (built with `img_size=96` when it takes that argument), "
-             "one worker process per model with a 180 s limit, 1 thread.", "",
+             "one worker process per model with a 300 s limit, 1 thread.", "",
              summary, "",
              "Columns: prunable_frac = prunable channels / all channels; err = relative max-abs "
              "difference to the reference of the correctness criterion (pass: <= 1e-4); "

@@ -31,7 +31,7 @@ def check(model, x, ratio):
     """Prune ``ratio`` of the prunable channels, return the criterion error."""
     groups = ptsp.build_groups(model, x[:1])
     scores = normalised_scores(groups, dict(model.named_parameters()))
-    removed, _ = remove_checked(model, groups, x[:1], set(), lambda s: select(groups, scores, ratio, skip=s))
+    removed, _, _ = remove_checked(model, groups, x[:1], set(), lambda s: select(groups, scores, ratio, skip=s))
     return groups, removed, criterion_error(model, groups, removed, x)
 
 
@@ -208,6 +208,6 @@ def test_timm_models_match_reference(name, ratio, timm_cache):
     scores = normalised_scores(groups, dict(model.named_parameters()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        removed, _ = remove_checked(model, groups, x[:1], set(), lambda s: select(groups, scores, ratio, skip=s))
+        removed, _, _ = remove_checked(model, groups, x[:1], set(), lambda s: select(groups, scores, ratio, skip=s))
     assert removed.any()
     assert criterion_error(model, groups, removed, x) <= EXACT

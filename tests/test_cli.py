@@ -1,0 +1,34 @@
+"""The ptsp command line: tables, group listings, one-line errors with non-zero exit codes."""
+from __future__ import annotations
+
+import pytest
+
+from ptsp.cli import main
+
+
+def test_prune_prints_before_after(capsys):
+    main(["prune", "--model", "resnet18", "--input-size", "64", "--ratio", "0.5", "--target", "flops"])
+    out = capsys.readouterr().out
+    flops = next(line for line in out.splitlines() if line.startswith("flops")).split()
+    assert 50.0 <= -float(flops[-1].rstrip("%")) < 52.0
+    assert out.count("layer1.0.conv1 ") == 1  # a width that changed is listed
+    main(["prune", "--model", "resnet18", "--input-size", "64", "--ratio", "0.5", "--target", "flops"])
+    again = capsys.readouterr().out
+    assert again.split("\n", 1)[1] == out.split("\n", 1)[1]  # same table (the first line has the time)
+
+
+def test_groups_lists_unprunable(capsys):
+    main(["groups", "--model", "resnet18", "--input-size", "64", "--unprunable"])
+    out = capsys.readouterr().out
+    assert "unprunable: model output" in out and "fc.weight [dim 0] out" in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["prune", "--model", "no_such_model"], "unknown timm model"),
+    (["prune", "--model", "resnet18", "--input-size", "64", "--ratio", "1.5"], "strictly between 0 and 1"),
+])
+def test_errors_exit_nonzero(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code != 0
+    assert match in str(exc.value) + capsys.readouterr().err
