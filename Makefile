@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test test-slow coverage
+.PHONY: install demo test coverage
 
 install:
 	$(PIP_INSTALL) -e .
@@ -13,10 +13,6 @@ demo: install
 test:
 	$(PIP_INSTALL) -e ".[dev]"
 	$(PYTHON) -m pytest -q
-
-test-slow:
-	$(PIP_INSTALL) -e ".[dev]"
-	$(PYTHON) -m pytest -q -m slow
 
 coverage: install
 	$(PYTHON) recipes/coverage.py
