@@ -7,6 +7,7 @@ the model gets a global id; a pruning decision is a boolean mask over those ids.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -178,7 +179,7 @@ def _flatten(x: Any) -> Iterator[Any]:
 def _apply(ctx: Context, node: torch.fx.Node, resolve, sites: list, touched: dict) -> Any:
     out = shape_of(node)
     fn = ops.lookup(node.target)
-    if node.target is ops.operator.getitem:
+    if node.target is operator.getitem:
         a = {"seq": resolve(node.args[0]), "idx": node.args[1]}
     elif isinstance(node.target, torch._ops.OpOverload):
         a = {k: resolve(v) for k, v in ops.bind(node.target, node.args, node.kwargs).items()}
