@@ -507,7 +507,7 @@ def _heads_dim(ctx: Context, outs: list[int], shape: tuple[int, ...]) -> int | N
     heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         return None
-    if not any(hasattr(m, name) for name in ("qkv", "q")):
+    if not any(isinstance(getattr(m, name, None), torch.nn.Linear) for name in ("qkv", "q")):
         return None
     for pos in range(len(outs) - 1):
         if shape[outs[pos]] == heads and shape[outs[pos + 1]] == head_dim:

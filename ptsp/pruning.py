@@ -171,6 +171,9 @@ def remove_checked(model: nn.Module, groups: Groups, inputs: Any, skip: set[int]
             raise RuntimeError(f"the pruned model fails and no group can be blamed: {error}")
         skip |= culprits
         notes.append(f"{len(culprits)} group(s) through {cls.__name__} modules ({error})")
+        if all(not g.prunable or g.index in skip for g in groups):
+            raise RuntimeError("every prunable group passes through module code that assumes "
+                               "fixed widths: " + "; ".join(notes))
     raise RuntimeError(f"the pruned model still fails after {MAX_REPAIRS} revisions: {notes[-1]}")
 
 

@@ -83,6 +83,15 @@ def sync_attributes(modules: Iterable[nn.Module]) -> None:
     """Set width attributes (``out_channels``, ``num_features``, ``num_heads``, ...) from tensor
     shapes, so a module's Python code computes shapes that match its tensors again."""
     modules = list(modules)
+    for m in modules:  # attention first: heads shrink with the projection that makes them
+        heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+        proj = next((p for p in (getattr(m, "qkv", None), getattr(m, "q", None))
+                     if isinstance(p, nn.Linear)), None)
+        if isinstance(heads, int) and isinstance(head_dim, int) and proj is not None:
+            if proj.weight.shape[0] != proj.out_features:
+                m.num_heads = heads * proj.weight.shape[0] // proj.out_features
+            if isinstance(getattr(m, "attn_dim", None), int):
+                m.attn_dim = m.num_heads * head_dim
     for m in modules:
         if isinstance(m, nn.modules.conv._ConvNd):
             per_group = m.out_channels // m.groups
@@ -103,19 +112,6 @@ def sync_attributes(modules: Iterable[nn.Module]) -> None:
                 m.num_groups = m.num_channels // per_group
         elif getattr(m, "weight", None) is not None and isinstance(getattr(m, "normalized_shape", None), tuple):
             m.normalized_shape = tuple(m.weight.shape)
-    for m in modules:  # attention modules after their projections
-        heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
-        if not isinstance(heads, int) or not isinstance(head_dim, int):
-            continue
-        qkv, q = getattr(m, "qkv", None), getattr(m, "q", None)
-        if isinstance(qkv, nn.Linear):
-            m.num_heads = qkv.out_features // (3 * head_dim)
-        elif isinstance(q, nn.Linear):
-            m.num_heads = q.out_features // head_dim
-        else:
-            continue
-        if isinstance(getattr(m, "attn_dim", None), int):
-            m.attn_dim = m.num_heads * head_dim
 
 
 def zero_removed_inputs(model: nn.Module, groups: Groups, removed: np.ndarray) -> nn.Module:
