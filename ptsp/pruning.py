@@ -1,11 +1,13 @@
 """``prune`` and ``plan_of``: the pipeline model → groups → plan → surgery."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import numbers
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -13,8 +15,10 @@ from torch import nn
 
 from . import __version__
 from .counting import Estimator, count
+from .data import read_batches
 from .groups import Groups, build_groups
 from .importance import IMPORTANCE, normalised_scores
+from .reconstruction import Reconstruction, doomed_masks, phase1, phase2, reestimate_bn
 from .selection import TARGETS, select
 from .surgery import Kept, apply, kept_indices
 
@@ -34,24 +38,31 @@ def default_inputs(model: nn.Module) -> torch.Tensor:
 
 
 def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float = 0.5, *,
-          method: str = "magnitude", target: str = "channels", importance: str = "l2",
-          example_inputs: Any = None, max_ratio: float = 1.0, round_to: int = 1,
+          method: str = "psp", target: str = "channels", importance: str = "l2",
+          reconstruction: Reconstruction | None = None, example_inputs: Any = None,
+          max_ratio: float = 1.0, round_to: int = 1,
           ignored_layers: Iterable[nn.Module | str] = ()) -> nn.Module:
-    """Return a physically smaller copy of ``model``; ``model`` itself is not modified.
+    """Return a physically smaller copy of ``model`` that keeps its function without retraining;
+    ``model`` itself is not modified.
 
     Args:
-        calib_loader: unlabeled calibration batches (needed by every method except "magnitude").
+        calib_loader: unlabeled calibration batches: image tensors, ``(images, labels)`` pairs
+            (labels ignored) or dicts; see :func:`ptsp.data.calibration_loader`. Needed by every
+            method except "magnitude".
         ratio: fraction to remove, in (0, 1): of prunable channels (``target="channels"``), or of
             the model's FLOPs / parameters (``target="flops"`` / ``"params"``).
-        method: "magnitude" (data-free).
+        method: "psp" (two-phase reconstruction), "global" (phase 2 only, gAP), "layerwise"
+            (AdaPrune), "bn" (BatchNorm re-estimation only) or "magnitude" (data-free).
         importance: channel criterion, one of :data:`ptsp.importance.IMPORTANCE`.
-        example_inputs: input used to trace the model; defaults to one random image of the
-            timm data config's size.
+        reconstruction: settings of the calibrated methods (:class:`Reconstruction`).
+        example_inputs: input used to trace the model; defaults to the first calibration image,
+            or one random image of the timm data config's size.
         max_ratio: most a single group may lose (every group keeps at least one channel).
         round_to: kept widths are multiples of this (hardware-friendly widths).
         ignored_layers: modules (or their names) whose channels are never pruned.
 
-    The plan (kept indices, parameters and FLOPs before/after) is available as ``plan_of(pruned)``.
+    The work runs on the model's device. The plan (kept indices, parameters and FLOPs
+    before/after, and a report of each stage) is available as ``plan_of(pruned)``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -62,9 +73,6 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     if method in DATA_METHODS and calib_loader is None:
         raise ValueError(f"method={method!r} needs calibration data: pass calib_loader "
                          "(or use method='magnitude' for data-free pruning)")
-    if method in DATA_METHODS:
-        raise NotImplementedError(f"method={method!r} is not available in ptsp {__version__}; "
-                                  "use method='magnitude'")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if importance not in IMPORTANCE:
@@ -73,22 +81,58 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
     if not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
-    inputs = default_inputs(model) if example_inputs is None else example_inputs
+    if reconstruction is not None and not isinstance(reconstruction, Reconstruction):
+        raise TypeError("reconstruction must be a ptsp.Reconstruction")
+    settings = reconstruction or Reconstruction()
+    device = _device(model)
+    batches = read_batches(calib_loader) if method in DATA_METHODS else None
+    if example_inputs is not None:
+        inputs = example_inputs
+    elif batches is not None:
+        inputs = batches[0][:1].to(device)
+    else:
+        inputs = default_inputs(model).to(device)
+    if batches is not None:
+        _check_fits(model, batches[0][:1].to(device))
 
-    times = {}
-    t0 = time.perf_counter()
-    groups = build_groups(model, inputs)
-    times["groups"] = time.perf_counter() - t0
+    times: dict[str, float] = {}
+    clock = _Clock(times)
+    with clock("groups"):
+        groups = build_groups(model, inputs)
     skip = _ignored_groups(model, groups, ignored_layers)
-    tensors = dict(model.named_parameters())
-    scores = normalised_scores(groups, tensors, importance)
     estimator = Estimator(model, groups)
-    t0 = time.perf_counter()
-    removed, kept, pruned = remove_checked(
-        model, groups, inputs, skip,
-        lambda skip: select(groups, scores, ratio, target, estimator=estimator,
-                            max_ratio=max_ratio, round_to=round_to, skip=skip))
-    times["plan_and_surgery"] = time.perf_counter() - t0
+
+    def plan_for(source: nn.Module) -> Callable[[set[int]], np.ndarray]:
+        scores = normalised_scores(groups, dict(source.named_parameters()), importance)
+        return lambda skip: select(groups, scores, ratio, target, estimator=estimator,
+                                   max_ratio=max_ratio, round_to=round_to, skip=skip)
+
+    report: dict[str, Any] = {}
+    with clock("plan_and_surgery"):
+        removed, kept, pruned, skip = remove_checked(model, groups, inputs, skip, plan_for(model))
+    if batches is not None:
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        if method == "psp":
+            student = copy.deepcopy(model)
+            with clock("phase1"):
+                masks = doomed_masks(student, groups, removed)
+                report["phase1"] = phase1(student, teacher, batches, kept, masks,
+                                                         settings, probe=pruned)
+            with clock("plan_and_surgery"):
+                removed, kept, pruned, skip = remove_checked(student, groups, inputs, skip,
+                                                             plan_for(student))
+        if settings.bn == "reestimate" or method == "bn":
+            with clock("bn"):
+                reestimate_bn(pruned, batches)
+        if method in ("psp", "global", "layerwise"):
+            with clock("phase2"):
+                report["phase2"] = phase2(pruned, teacher, batches, kept, settings,
+                                                         layerwise=method == "layerwise")
+            if settings.bn != "none":
+                with clock("bn"):
+                    reestimate_bn(pruned, batches)
+        report["samples"] = int(sum(len(b) for b in batches))
+    pruned.eval()
     params_after, flops_after = count(pruned, inputs)
     plan = {
         "ptsp_version": __version__,
@@ -98,6 +142,7 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         "ratio": float(ratio),
         "max_ratio": float(max_ratio),
         "round_to": round_to,
+        "reconstruction": dataclasses.asdict(settings) if batches is not None else None,
         "input_shape": list(inputs.shape) if isinstance(inputs, torch.Tensor) else None,
         "kept": {m: {t: {str(d): idx for d, idx in dims.items()} for t, dims in ts.items()}
                  for m, ts in kept.items()},
@@ -105,10 +150,45 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
                      "removed": int(removed.sum())},
         "params": {"before": estimator.params_before, "after": params_after},
         "flops": {"before": estimator.flops_before, "after": flops_after},
+        "report": report,
         "seconds": times,
     }
     setattr(pruned, PLAN_ATTR, plan)
     return pruned
+
+
+class _Clock:
+    """Adds the wall time of each ``with clock(stage):`` block to ``times[stage]``."""
+
+    def __init__(self, times: dict[str, float]) -> None:
+        self.times = times
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _check_fits(model: nn.Module, x: torch.Tensor) -> None:
+    """One clear error, before any work, when the calibration images do not fit the model."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        raise ValueError(f"calibration images of shape {tuple(x.shape[1:])} do not fit the model: "
+                         f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+    finally:
+        model.train(was_training)
 
 
 def plan_of(pruned: nn.Module) -> dict:
@@ -136,9 +216,9 @@ MAX_REPAIRS = 20
 
 
 def remove_checked(model: nn.Module, groups: Groups, inputs: Any, skip: set[int],
-                   plan: Callable[[set[int]], np.ndarray]) -> tuple[np.ndarray, Kept, nn.Module]:
+                   plan: Callable[[set[int]], np.ndarray]) -> tuple[np.ndarray, Kept, nn.Module, set[int]]:
     """Apply ``plan(skip)`` to a copy of ``model`` and run it on ``inputs``; returns the removal
-    mask, the kept map and the pruned copy.
+    mask, the kept map, the pruned copy and the groups left out.
 
     Some module code bakes widths into attributes the graph cannot see (``x.view(self.shape)``).
     When the pruned copy fails, the groups whose channels pass through the failing module are
@@ -157,7 +237,7 @@ def remove_checked(model: nn.Module, groups: Groups, inputs: Any, skip: set[int]
             if notes:
                 warnings.warn("ptsp: left unpruned because module code assumes fixed widths: "
                               + "; ".join(notes), stacklevel=3)
-            return removed, kept, pruned
+            return removed, kept, pruned, skip
         path, error = failure
         culprits: set[int] = set()
         while True:  # the failing module's code is shared by every module of its class

@@ -125,7 +125,7 @@ def run_one(name: str) -> dict:
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            removed, _, pruned = remove_checked(model, groups, x[:1], set(),
+            removed, _, pruned, _ = remove_checked(model, groups, x[:1], set(),
                                              lambda skip: select(groups, scores, 0.5, skip=skip))
         row["prune_s"] = round(time.perf_counter() - t0, 3)
         row["repaired"] = "; ".join(str(w.message) for w in caught if "module code" in str(w.message))[:300]

@@ -190,3 +190,30 @@ class DataDependent(nn.Module):
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
                                       Tokens, Heads, PixelShuffle, SharedModule)}
+
+
+class SmallCNN(nn.Module):
+    """A Fashion-MNIST classifier small enough to train inside a test (1×28×28 input)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+            for i, o, s in ((1, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1), (2 * w, 4 * w, 2))])
+        self.fc = nn.Linear(4 * w, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class OutOfOrder(nn.Module):
+    """Registration order (head, body) differs from execution order (body, head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))

@@ -31,7 +31,7 @@ def check(model, x, ratio):
     """Prune ``ratio`` of the prunable channels, return the criterion error."""
     groups = ptsp.build_groups(model, x[:1])
     scores = normalised_scores(groups, dict(model.named_parameters()))
-    removed, _, _ = remove_checked(model, groups, x[:1], set(), lambda s: select(groups, scores, ratio, skip=s))
+    removed, _, _, _ = remove_checked(model, groups, x[:1], set(), lambda s: select(groups, scores, ratio, skip=s))
     return groups, removed, criterion_error(model, groups, removed, x)
 
 
@@ -133,7 +133,7 @@ def test_attention_heads(fused):
     assert {"cls_token", "pos_embed", "attn.proj.weight", "head.weight"} <= {m.tensor for m in residual.members}
     groups, removed, err = check(model, x_for(), 0.5)
     assert err <= EXACT
-    pruned = ptsp.prune(model, None, 0.5, example_inputs=x_for()[:1])
+    pruned = ptsp.prune(model, None, 0.5, method="magnitude", example_inputs=x_for()[:1])
     assert pruned.attn.num_heads < 4 and pruned.attn.attn_dim == pruned.attn.num_heads * pruned.attn.head_dim
 
 
@@ -208,6 +208,6 @@ def test_timm_models_match_reference(name, ratio, timm_cache):
     scores = normalised_scores(groups, dict(model.named_parameters()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        removed, _, _ = remove_checked(model, groups, x[:1], set(), lambda s: select(groups, scores, ratio, skip=s))
+        removed, _, _, _ = remove_checked(model, groups, x[:1], set(), lambda s: select(groups, scores, ratio, skip=s))
     assert removed.any()
     assert criterion_error(model, groups, removed, x) <= EXACT

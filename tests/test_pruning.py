@@ -27,7 +27,7 @@ def _state(model):
 
 def test_prune_flops_target_and_plan(resnet):
     before = _state(resnet)
-    pruned = ptsp.prune(resnet, None, 0.5, target="flops", example_inputs=X)
+    pruned = ptsp.prune(resnet, None, 0.5, method="magnitude", target="flops", example_inputs=X)
     plan = ptsp.plan_of(pruned)
     assert plan["flops"]["after"] <= 0.5 * plan["flops"]["before"]
     assert plan["flops"]["after"] > 0.4 * plan["flops"]["before"]
@@ -41,21 +41,21 @@ def test_prune_flops_target_and_plan(resnet):
 
 def test_default_inputs_from_timm_config():
     model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
-    pruned = ptsp.prune(model, None, 0.3)
+    pruned = ptsp.prune(model, None, 0.3, method="magnitude")
     assert ptsp.plan_of(pruned)["input_shape"] == [1, 3, 224, 224]
 
 
 def test_ignored_layers(resnet):
-    pruned = ptsp.prune(resnet, None, 0.5, example_inputs=X, ignored_layers=[resnet.layer1[0].conv1, "layer4"])
+    pruned = ptsp.prune(resnet, None, 0.5, method="magnitude", example_inputs=X, ignored_layers=[resnet.layer1[0].conv1, "layer4"])
     assert pruned.layer1[0].conv1.out_channels == 64
     assert pruned.layer4[0].conv1.out_channels == 512 and pruned.fc.in_features == 512
     with pytest.raises(ValueError, match="not a module"):
-        ptsp.prune(resnet, None, 0.5, example_inputs=X, ignored_layers=["nope"])
+        ptsp.prune(resnet, None, 0.5, method="magnitude", example_inputs=X, ignored_layers=["nope"])
 
 
 def test_deterministic(resnet):
-    a = ptsp.prune(resnet, None, 0.4, example_inputs=X)
-    b = ptsp.prune(resnet, None, 0.4, example_inputs=X)
+    a = ptsp.prune(resnet, None, 0.4, method="magnitude", example_inputs=X)
+    b = ptsp.prune(resnet, None, 0.4, method="magnitude", example_inputs=X)
     assert ptsp.plan_of(a)["kept"] == ptsp.plan_of(b)["kept"]
 
 
@@ -68,7 +68,7 @@ def test_deterministic(resnet):
 ])
 def test_bad_arguments(resnet, kwargs, match):
     before = _state(resnet)
-    args = {"ratio": 0.5, **kwargs}
+    args = {"ratio": 0.5, "method": "magnitude", **kwargs}
     with pytest.raises(ValueError, match=match):
         ptsp.prune(resnet, None, example_inputs=X, **args)
     assert all(torch.equal(before[k], v) for k, v in resnet.state_dict().items())
@@ -78,12 +78,12 @@ def test_untraceable_and_non_module():
     model = DataDependent()
     before = _state(model)
     with pytest.raises(ptsp.TraceError, match="cannot trace"):
-        ptsp.prune(model, None, 0.5, example_inputs=torch.randn(1, 3, 8, 8))
+        ptsp.prune(model, None, 0.5, method="magnitude", example_inputs=torch.randn(1, 3, 8, 8))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(TypeError, match="torch.nn.Module"):
-        ptsp.prune(lambda x: x, None, 0.5)
+        ptsp.prune(lambda x: x, None, 0.5, method="magnitude")
     with pytest.raises(ValueError, match="example_inputs is required"):
-        ptsp.prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)), None, 0.5)
+        ptsp.prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)), None, 0.5, method="magnitude")
 
 
 def test_plan_of_unpruned(resnet):

@@ -1,0 +1,497 @@
+"""Reconstruction: bring a pruned student's function back to the original (teacher) on unlabeled data.
+
+One engine serves every calibrated method. Each step runs the frozen teacher on a calibration batch,
+recording the output of every conv, linear and norm layer, then runs the student on the same batch;
+the student's hooks score each layer against the teacher as it goes (so a teacher activation lives
+only until its student counterpart has used it) and the summed relative errors are minimised:
+
+* phase 1 (PSP): the unpruned student, with a growing penalty on the slices the plan will remove;
+* phase 2 (PSP, gAP): the physically pruned student against the teacher's kept channels, with the
+  *balanced* update (earlier layers get smaller steps, since their outputs feed every later term);
+* layer-wise (AdaPrune): phase 2 with every student layer fed the teacher's input instead.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .groups import Groups
+from .surgery import Kept, _along
+
+#: the layers whose outputs the holistic loss matches
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+               nn.LayerNorm, nn.RMSNorm)
+#: a layer whose activation cannot be mapped to the pruned one is left out of the loss
+UNMAPPED = "unmapped"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+    """Settings of the calibrated methods (method.md §3–4). ``Reconstruction.authors()`` gives
+    the choices of the PSP authors' code.
+
+    Attributes:
+        phase1_passes / phase2_passes: passes over the calibration set in each phase.
+        lr: Adam learning rate (the last layer's rate under the balanced update).
+        penalty: "l2" adds the gradient of a growing L2 penalty ``λ/2·||W_doomed||²`` to the doomed
+            slices (the paper's intent); "replace" replaces their gradient by ``λ·lr·W`` (the code).
+        lmbda / lmbda_step: λ in pass j is ``lmbda + j·lmbda_step``.
+        phase1_targets: "kept" matches only the channels that survive in phase 1, "all" every
+            channel (the code), pulling the doomed channels' outputs against the penalty.
+        balance: where the balanced update ``lr/(L−k+1)`` applies: "phase2", "both" or "none".
+        order: layer order k for the balanced update: "execution" (forward order) or
+            "registration" (module definition order, the code's choice).
+        bn: "reestimate": teacher and student in eval mode, BatchNorm statistics re-estimated on
+            the calibration data after removal and at the end; "train": both models' BatchNorms in
+            train mode throughout (the code, which re-estimates them implicitly); "none".
+        micro_batch: split each batch into pieces of this size: the same gradient with less
+            memory, for one more teacher pass per batch.
+        amp: bfloat16 autocast on CUDA (ignored on CPU).
+        progress: show a progress bar per phase.
+    """
+
+    phase1_passes: int = 20
+    phase2_passes: int = 10
+    lr: float = 1e-3
+    penalty: str = "l2"
+    lmbda: float = 0.02
+    lmbda_step: float = 0.02
+    phase1_targets: str = "kept"
+    balance: str = "phase2"
+    order: str = "execution"
+    bn: str = "reestimate"
+    micro_batch: int | None = None
+    amp: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {"penalty": ("l2", "replace"), "phase1_targets": ("kept", "all"),
+                   "balance": ("phase2", "both", "none"), "order": ("execution", "registration"),
+                   "bn": ("reestimate", "train", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Reconstruction.{name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("phase1_passes", "phase2_passes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Reconstruction.{name} must be a non-negative integer, got {value!r}")
+        for name in ("lr", "lmbda", "lmbda_step"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (name == "lr" and value == 0):
+                raise ValueError(f"Reconstruction.{name} must be a finite number "
+                                 f"{'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
+            raise ValueError(f"Reconstruction.micro_batch must be a positive integer or None, "
+                             f"got {self.micro_batch!r}")
+
+    @classmethod
+    def authors(cls, **changes: Any) -> "Reconstruction":
+        """The settings of the PSP authors' code (replace-gradient penalty, every channel as a
+        phase-1 target, registration order, BatchNorm in train mode)."""
+        return dataclasses.replace(cls(penalty="replace", phase1_targets="all",
+                                       order="registration", bn="train"), **changes)
+
+
+Select = tuple[int, torch.Tensor] | None | str
+
+
+@dataclasses.dataclass
+class _Target:
+    """How one layer enters the loss: channel selections applied to the teacher's output, the
+    student's output and (layer-wise only) the teacher's input fed to the student."""
+
+    teacher_out: Select = None
+    student_out: Select = None
+    teacher_in: Select = None
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+
+
+def doomed_masks(model: nn.Module, groups: Groups, removed: np.ndarray) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Each parameter touched by a removed channel with the mask of its doomed entries (output
+    rows, consumer input columns, norm scales and shifts)."""
+    ext = np.append(removed, False)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    masks: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for g in groups:
+        if not removed[g.ids].any():
+            continue
+        for m in g.members:
+            if m.tensor not in tensors or not ext[m.channel].any():
+                continue
+            p = tensors[m.tensor]
+            gone = _along(torch.as_tensor(ext[m.channel], device=p.device), m.dims, p.dim()).expand(p.shape)
+            prev = masks.get(id(p), (p, torch.zeros(p.shape, dtype=torch.bool, device=p.device)))[1]
+            masks[id(p)] = (p, prev | gone)
+    return list(masks.values())
+
+
+def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Recompute every BatchNorm's running statistics as the average over the calibration batches
+    (as ``torch.optim.swa_utils.update_bn``, but with dropout and the rest in eval mode); the
+    model is left in eval mode."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    device = _device(model)
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
+def phase1(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], kept: Kept,
+           masks: list[tuple[nn.Parameter, torch.Tensor]], settings: Reconstruction,
+           probe: nn.Module) -> dict:
+    """Squeeze: match the teacher while a growing penalty drives the ``masks`` entries to zero.
+    ``probe`` is the model pruned by the current plan (only its activation shapes are used)."""
+    restrict = settings.phase1_targets == "kept"
+    sel = _selections(teacher, probe, kept, batches[0][:1])
+    targets = {n: _Target(teacher_out=s[1], student_out=s[1]) if restrict else _Target()
+               for n, s in sel.items() if not restrict or s[1] != UNMAPPED}
+
+    def penalise(pass_index: int, lrs: dict[int, float]) -> None:
+        lmbda = settings.lmbda + pass_index * settings.lmbda_step
+        with torch.no_grad():
+            for p, mask in masks:
+                if settings.penalty == "l2":
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.add_(torch.where(mask, p, 0), alpha=lmbda)
+                else:
+                    grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                    p.grad = torch.where(mask, lmbda * lrs[id(p)] * p, grad)
+
+    return _optimise(student, teacher, batches, targets, settings, settings.phase1_passes,
+                     balanced=settings.balance == "both", desc="phase 1", before_step=penalise)
+
+
+def phase2(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], kept: Kept,
+           settings: Reconstruction, layerwise: bool = False) -> dict:
+    """Recalibrate the pruned ``student`` against the teacher's kept channels; ``layerwise`` feeds
+    each student layer the teacher's input (AdaPrune) instead of the student's own activations."""
+    sel = _selections(teacher, student, kept, batches[0][:1])
+    targets = {n: _Target(teacher_out=s[1], teacher_in=s[0] if layerwise else None)
+               for n, s in sel.items()
+               if s[1] != UNMAPPED and not (layerwise and s[0] == UNMAPPED)}
+    balanced = not layerwise and settings.balance in ("phase2", "both")
+    return _optimise(student, teacher, batches, targets, settings, settings.phase2_passes,
+                     balanced=balanced, desc="layer-wise" if layerwise else "phase 2",
+                     feed=layerwise)
+
+
+def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor],
+              targets: dict[str, _Target], settings: Reconstruction, passes: int, *,
+              balanced: bool, desc: str, feed: bool = False,
+              before_step: Callable[[int, dict[int, float]], None] | None = None) -> dict:
+    """Adam on the summed relative layer errors; returns the mean loss of every pass. A loss that
+    turns non-finite stops the phase with the best weights seen restored."""
+    report: dict[str, Any] = {"passes": passes, "layers": len(targets), "loss": []}
+    if passes == 0 or not targets:
+        return report
+    device = _device(student)
+    train_bn = settings.bn == "train"
+    _set_modes(student, train_bn)
+    _set_modes(teacher, train_bn)
+    param_groups = _param_groups(student, batches[0][:1].to(device), settings.lr, balanced,
+                                 settings.order)
+    optimiser = torch.optim.Adam(param_groups)
+    lrs = {id(p): g["lr"] for g in param_groups for p in g["params"]}
+    best_loss, best_state = math.inf, _snapshot(student)
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=passes * len(batches), desc=f"ptsp {desc}", disable=not settings.progress,
+               leave=False)
+    try:
+        with _Hooks(student, teacher, targets, feed) as hooks:
+            for j in range(passes):
+                running = 0.0
+                for x in batches:
+                    optimiser.zero_grad(set_to_none=True)
+                    loss = 0.0
+                    pieces = [p.to(device, non_blocking=True) for p in _pieces(x, settings.micro_batch)]
+                    with _autocast(device, settings.amp):
+                        energy = hooks.energies(pieces) if len(pieces) > 1 else None
+                    for piece in pieces:
+                        with _autocast(device, settings.amp):
+                            part = hooks.loss(piece, energy)
+                        part.backward()
+                        loss += part.item()
+                    if not math.isfinite(loss):
+                        student.load_state_dict(best_state)
+                        warnings.warn(f"ptsp: the {desc} loss became non-finite in pass {j + 1}; "
+                                      "stopped it and restored the best weights seen", stacklevel=4)
+                        report["stopped"] = f"non-finite loss in pass {j + 1}"
+                        return report
+                    if before_step is not None:
+                        before_step(j, lrs)
+                    optimiser.step()
+                    running += loss * len(x)
+                    bar.update()
+                mean = running / total
+                report["loss"].append(mean)
+                bar.set_postfix(loss=f"{mean:.4g}")
+                if mean < best_loss:
+                    best_loss, best_state = mean, _snapshot(student)
+    finally:
+        bar.close()
+        for p in student.parameters():
+            p.grad = None
+        student.eval()
+        teacher.eval()
+    return report
+
+
+class _Hooks:
+    """Forward hooks on teacher and student; ``loss(x)`` runs both on ``x`` and returns the summed
+    relative error of the target layers' outputs."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, targets: dict[str, _Target],
+                 feed: bool) -> None:
+        self.student, self.teacher, self.targets, self.feed = student, teacher, targets, feed
+        self.outputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.inputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.terms: list[torch.Tensor] = []
+        self.energy: dict[str, list[torch.Tensor]] | None = None
+        self.calls: collections.Counter = collections.Counter()
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> "_Hooks":
+        for name, target in self.targets.items():
+            self.handles.append(self.teacher.get_submodule(name).register_forward_hook(
+                self._record(name, target)))
+            module = self.student.get_submodule(name)
+            self.handles.append(module.register_forward_hook(self._score(name, target)))
+            if self.feed:
+                self.handles.append(module.register_forward_pre_hook(self._replace(name)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.outputs.clear()
+        self.inputs.clear()
+
+    def loss(self, x: torch.Tensor, energy: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """The summed relative errors on ``x``; ``energy`` (from :meth:`energies`) normalises them
+        by the teacher's energy over the whole batch when ``x`` is one piece of it."""
+        self.outputs.clear()
+        self.inputs.clear()
+        with torch.no_grad():
+            self.teacher(x)
+        self.terms, self.energy, self.calls = [], energy, collections.Counter()
+        self.student(x)
+        terms, self.terms = self.terms, []
+        return torch.stack(terms).sum() if terms else x.new_zeros((), requires_grad=True)
+
+    def energies(self, pieces: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Squared norm of each target layer's (selected) teacher output, per call, summed over
+        the pieces of a batch."""
+        total: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for piece in pieces:
+                self.outputs.clear()
+                self.teacher(piece)
+                for name, outs in self.outputs.items():
+                    sums = [o.float().pow(2).sum() for o in outs]
+                    prev = total.get(name)
+                    total[name] = sums if prev is None else [a + b for a, b in zip(prev, sums)]
+        self.outputs.clear()
+        self.inputs.clear()
+        return total
+
+    def _record(self, name: str, target: _Target) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                self.outputs[name].append(_pick(out, target.teacher_out))
+            if self.feed and args and isinstance(args[0], torch.Tensor):
+                self.inputs[name].append(_pick(args[0], target.teacher_in))
+        return hook
+
+    def _score(self, name: str, target: _Target) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if not isinstance(out, torch.Tensor) or not self.outputs[name]:
+                return
+            ref = self.outputs[name].popleft().float()
+            out = _pick(out, target.student_out).float()
+            call = self.calls[name]
+            self.calls[name] += 1
+            energy = self.energy[name][call] if self.energy else ref.pow(2).sum()
+            if out.shape != ref.shape or energy.item() <= 1e-12 * ref.numel():
+                return  # a silent layer (e.g. a zero-initialised scale) has no relative error
+            self.terms.append((out - ref).pow(2).sum() / energy)
+        return hook
+
+    def _replace(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if not self.inputs[name] or not args:
+                return None
+            return (self.inputs[name].popleft(),) + tuple(args[1:])
+        return hook
+
+
+def _pick(t: torch.Tensor, sel: Select) -> torch.Tensor:
+    if sel is None or isinstance(sel, str):
+        return t
+    dim, idx = sel
+    return t.index_select(dim, idx.to(t.device))
+
+
+def _selections(teacher: nn.Module, pruned: nn.Module, kept: Kept,
+                x: torch.Tensor) -> dict[str, tuple[Select, Select]]:
+    """For every hooked layer, how to pick the pruned model's (input, output) channels out of the
+    teacher's: None (unchanged), (dim, kept indices) or UNMAPPED."""
+    names = layer_names(teacher)
+    full, small = _activation_shapes(teacher, names, x), _activation_shapes(pruned, names, x)
+    out: dict[str, tuple[Select, Select]] = {}
+    for name in names:
+        if name not in full or name not in small:
+            continue
+        module = teacher.get_submodule(name)
+        idx_out = _kept_out(kept.get(name, {}))
+        idx_in = _kept_in(module, kept.get(name, {}), idx_out)
+        out[name] = (_select(full[name][0], small[name][0], idx_in),
+                     _select(full[name][1], small[name][1], idx_out))
+    return out
+
+
+def _select(full: tuple | None, small: tuple | None, idx: list[int] | None) -> Select:
+    if full is None or small is None or len(full) != len(small):
+        return UNMAPPED
+    dims = [d for d, (a, b) in enumerate(zip(full, small)) if a != b]
+    if not dims:
+        return None
+    if len(dims) == 1 and idx is not None and len(idx) == small[dims[0]]:
+        return dims[0], torch.as_tensor(idx, dtype=torch.long)
+    return UNMAPPED
+
+
+def _kept_out(tensors: dict[str, dict[int, list[int]]]) -> list[int] | None:
+    for name in ("weight", "running_mean", "bias"):
+        if 0 in tensors.get(name, {}):
+            return tensors[name][0]
+    return None
+
+
+def _kept_in(module: nn.Module, tensors: dict[str, dict[int, list[int]]],
+             idx_out: list[int] | None) -> list[int] | None:
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1):
+        return tensors.get("weight", {}).get(1)
+    if isinstance(module, nn.modules.conv._ConvNd):  # grouped: whole conv groups go together
+        if idx_out is None:
+            return None
+        per_in, per_out = module.in_channels // module.groups, module.out_channels // module.groups
+        kept_groups = sorted({i // per_out for i in idx_out})
+        return [g * per_in + i for g in kept_groups for i in range(per_in)]
+    return idx_out  # norms: input channels are output channels
+
+
+def _activation_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, tuple]:
+    """(input shape, output shape) of each named layer's first call on ``x``."""
+    shapes: dict[str, tuple] = {}
+    handles = []
+    for name in names:
+        def hook(module: nn.Module, args: tuple, out: Any, name: str = name) -> None:
+            if name not in shapes:
+                arg = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                shapes[name] = (tuple(arg.shape) if arg is not None else None,
+                                tuple(out.shape) if isinstance(out, torch.Tensor) else None)
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    with _eval(model), torch.no_grad():
+        try:
+            model(x.to(_device(model)))
+        finally:
+            for h in handles:
+                h.remove()
+    return shapes
+
+
+def _param_groups(model: nn.Module, x: torch.Tensor, lr: float, balanced: bool,
+                  order: str) -> list[dict]:
+    """Adam parameter groups: one per module owning parameters, layer k of L (in ``order``) at
+    ``lr/(L−k+1)`` when ``balanced``; modules the forward never reaches are left out."""
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    called: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if id(module) not in seen:
+            seen.add(id(module))
+            called.append(module)
+    handles = [m.register_forward_pre_hook(hook) for m in owners]
+    with _eval(model), torch.no_grad():
+        try:
+            model(x)
+        finally:
+            for h in handles:
+                h.remove()
+    ordered = called if order == "execution" else [m for m in owners if id(m) in seen]
+    groups, taken = [], set()
+    for k, module in enumerate(ordered):
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in taken]
+        taken.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params,
+                           "lr": lr / (len(ordered) - k) if balanced else lr})
+    return groups
+
+
+def _set_modes(model: nn.Module, train_bn: bool) -> None:
+    model.eval()
+    if train_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _pieces(x: torch.Tensor, size: int | None) -> tuple[torch.Tensor, ...]:
+    return (x,) if size is None or size >= len(x) else x.split(size)
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -1,0 +1,202 @@
+"""Reconstruction (phase 1, phase 2, layer-wise, BatchNorm re-estimation), on a model trained
+inside the test on the committed Fashion-MNIST sample."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ptsp
+from ptsp.groups import build_groups
+from ptsp.reconstruction import (Reconstruction, _Hooks, _param_groups, _selections, _Target,
+                                 doomed_masks, reestimate_bn)
+from ptsp.surgery import apply, kept_indices
+
+from nets import OutOfOrder, SmallCNN
+
+SAMPLE = Path(__file__).resolve().parent.parent / "calib_data" / "fashion_mnist_sample.npz"
+FAST = Reconstruction(phase1_passes=5, phase2_passes=5, progress=False)
+
+
+def _images(raw: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(raw).float().div(255).unsqueeze(1)
+    return (x - 0.286) / 0.353
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    with np.load(SAMPLE) as z:
+        return (_images(z["train_images"]), torch.from_numpy(z["train_labels"]).long(),
+                _images(z["test_images"]), torch.from_numpy(z["test_labels"]).long())
+
+
+@pytest.fixture(scope="module")
+def trained(fmnist):
+    x, y, _, _ = fmnist
+    torch.manual_seed(0)
+    model = SmallCNN()
+    epochs, batch = 5, 100
+    optimiser = torch.optim.Adam(model.parameters(), 1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 1e-2, total_steps=epochs * math.ceil(len(x) / batch))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch):
+            idx = order[i:i + batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    return model.eval()
+
+
+def _top1(model, x, y):
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) == y).float().mean().item() * 100
+
+
+def test_psp_keeps_clearly_more_accuracy_than_magnitude_and_bn(trained, fmnist):
+    x, _, test_x, test_y = fmnist
+    calib = ptsp.data.calibration_loader(x, num_samples=512, batch_size=64)
+    dense = _top1(trained, test_x, test_y)
+    top1 = {}
+    for method in ("magnitude", "bn", "psp"):
+        pruned = ptsp.prune(trained, None if method == "magnitude" else calib, 0.5, method=method,
+                            target="flops", reconstruction=FAST, example_inputs=x[:1])
+        plan = ptsp.plan_of(pruned)
+        assert plan["flops"]["after"] <= 0.5 * plan["flops"]["before"]
+        top1[method] = _top1(pruned, test_x, test_y)
+    assert dense > 70
+    assert top1["psp"] >= top1["bn"] + 5, top1
+    assert top1["psp"] >= top1["magnitude"] + 15, top1
+    assert top1["psp"] >= dense - 8, (dense, top1)
+    report = ptsp.plan_of(pruned)["report"]
+    assert report["samples"] == 512
+    assert len(report["phase1"]["loss"]) == len(report["phase2"]["loss"]) == 5
+    assert report["phase2"]["loss"][-1] < report["phase2"]["loss"][0]
+
+
+def test_same_seed_same_pruned_weights(trained, fmnist):
+    x = fmnist[0]
+    settings = Reconstruction(phase1_passes=1, phase2_passes=1, progress=False)
+    a, b = (ptsp.prune(trained, ptsp.data.calibration_loader(x, 128, 32, seed=3), 0.4,
+                       reconstruction=settings) for _ in range(2))
+    assert ptsp.plan_of(a)["kept"] == ptsp.plan_of(b)["kept"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("method", ["layerwise", "global"])
+def test_baselines_recover_over_bn(trained, fmnist, method):
+    x, _, test_x, test_y = fmnist
+    calib = ptsp.data.calibration_loader(x, 256, 64)
+    bn = ptsp.prune(trained, calib, 0.5, method="bn", target="flops", reconstruction=FAST)
+    other = ptsp.prune(trained, calib, 0.5, method=method, target="flops", reconstruction=FAST)
+    assert ptsp.plan_of(bn)["kept"] == ptsp.plan_of(other)["kept"]  # same plan, one argument apart
+    assert _top1(other, test_x, test_y) > _top1(bn, test_x, test_y)
+
+
+def test_teacher_selection_matches_unchanged_layers():
+    """Without weight updates, the first conv of the pruned model computes exactly the teacher's
+    kept channels; the loss of a model against itself is zero."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(4, 1, 28, 28)
+    groups = build_groups(model, x[:1])
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[groups[0].ids[::2]] = True
+    kept = kept_indices(groups, removed)
+    pruned = apply(copy.deepcopy(model), kept)
+    sel = _selections(model, pruned, kept, x[:1])
+    dim, idx = sel["features.0.0"][1]
+    assert dim == 1 and idx.tolist() == kept["features.0.0"]["weight"][0]
+    with torch.no_grad():
+        assert torch.allclose(pruned.features[0][0](x), model.features[0][0](x).index_select(1, idx))
+    targets = {"features.0.0": _Target(teacher_out=sel["features.0.0"][1])}
+    with _Hooks(pruned, model, targets, feed=False) as hooks:
+        assert hooks.loss(x).item() < 1e-12
+    with _Hooks(copy.deepcopy(model), model, {n: _Target() for n in sel}, feed=False) as hooks:
+        assert hooks.loss(x).item() == 0
+
+
+def test_doomed_masks_cover_rows_columns_and_norm():
+    model = SmallCNN()
+    groups = build_groups(model, torch.randn(1, 1, 28, 28))
+    g = next(g for g in groups if any(m.tensor == "features.1.0.weight" and m.role == "out" for m in g.members))
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[g.ids[:3]] = True
+    masks = {id(p): m for p, m in doomed_masks(model, groups, removed)}
+    conv, bn, nxt = model.features[1][0], model.features[1][1], model.features[2][0]
+    assert masks[id(conv.weight)][:3].all() and not masks[id(conv.weight)][3:].any()
+    assert masks[id(bn.weight)][:3].all() and masks[id(bn.bias)][:3].all()
+    assert masks[id(nxt.weight)][:, :3].all() and not masks[id(nxt.weight)][:, 3:].any()
+
+
+def test_balanced_rates_follow_execution_order():
+    model = OutOfOrder()
+    x = torch.randn(1, 3, 8, 8)
+    lr = {id(p): g["lr"] for g in _param_groups(model, x, 1e-3, True, "execution") for p in g["params"]}
+    assert lr[id(model.body.weight)] == pytest.approx(1e-3 / 2)
+    assert lr[id(model.head.weight)] == pytest.approx(1e-3)
+    reg = {id(p): g["lr"] for g in _param_groups(model, x, 1e-3, True, "registration") for p in g["params"]}
+    assert reg[id(model.head.weight)] == pytest.approx(1e-3 / 2)
+    flat = _param_groups(model, x, 1e-3, False, "execution")
+    assert {g["lr"] for g in flat} == {1e-3}
+
+
+def test_reestimate_bn_gives_exact_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.1))
+    batches = [torch.randn(8, 1, 6, 6) + i for i in range(3)]
+    reestimate_bn(model, batches)
+    with torch.no_grad():
+        y = model[0](torch.cat(batches))
+    assert not model.training and model[1].momentum == 0.1
+    assert torch.allclose(model[1].running_mean, y.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_micro_batches_give_the_same_result(trained, fmnist):
+    calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
+    settings = Reconstruction(phase1_passes=1, phase2_passes=1, progress=False)
+    a = ptsp.prune(trained, calib, 0.5, reconstruction=settings)
+    b = ptsp.prune(trained, calib, 0.5, reconstruction=Reconstruction(
+        phase1_passes=1, phase2_passes=1, progress=False, micro_batch=8))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+
+
+def test_authors_settings_run(trained, fmnist):
+    calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
+    settings = Reconstruction.authors(phase1_passes=1, phase2_passes=1, progress=False)
+    assert settings.penalty == "replace" and settings.bn == "train"
+    pruned = ptsp.prune(trained, calib, 0.5, reconstruction=settings)
+    assert ptsp.plan_of(pruned)["reconstruction"]["order"] == "registration"
+    assert torch.isfinite(pruned(fmnist[2][:8])).all()
+
+
+def test_non_finite_loss_stops_and_restores(trained, fmnist):
+    calib = ptsp.data.calibration_loader(fmnist[0], 64, 16)
+    settings = Reconstruction(phase1_passes=0, phase2_passes=3, lr=1e30, progress=False)
+    with pytest.warns(UserWarning, match="non-finite"):
+        pruned = ptsp.prune(trained, calib, 0.5, method="global", reconstruction=settings)
+    assert "non-finite" in ptsp.plan_of(pruned)["report"]["phase2"]["stopped"]
+    assert all(torch.isfinite(v).all() for v in pruned.state_dict().values() if v.is_floating_point())
+    assert torch.isfinite(pruned(fmnist[2][:8])).all()
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"penalty": "l1"}, "penalty"), ({"bn": "freeze"}, "bn"), ({"phase1_passes": -1}, "phase1_passes"),
+    ({"lr": 0}, "lr"), ({"lmbda": float("nan")}, "lmbda"), ({"micro_batch": 0}, "micro_batch"),
+    ({"balance": "all"}, "balance"), ({"order": "random"}, "order"), ({"phase1_targets": "x"}, "phase1_targets"),
+])
+def test_bad_settings(changes, match):
+    with pytest.raises(ValueError, match=match):
+        Reconstruction(**changes)
