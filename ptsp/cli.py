@@ -1,6 +1,7 @@
 """The ``ptsp`` command line.
 
-    ptsp prune --model resnet50 --ratio 0.5 --target flops      # data-free, prints a table
+    ptsp prune --model resnet50 --calib images/ --ratio 0.5      # two-phase reconstruction
+    ptsp prune --model resnet50 --method magnitude --ratio 0.5   # data-free, prints a table
     ptsp groups --model vit_tiny_patch16_224                     # coupled channel groups
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import sys
 import time
 
 EXAMPLES = """examples:
-  ptsp prune --model resnet50 --ratio 0.5 --target flops
+  ptsp prune --model resnet50 --pretrained --calib imagenet_train/ --num-samples 2048 --ratio 0.3
+  ptsp prune --model resnet50 --method magnitude --ratio 0.5 --target flops
   ptsp prune --model mobilenetv3_large_100 --ratio 0.3 --round-to 8
   ptsp groups --model vit_tiny_patch16_224 --unprunable
 """
@@ -27,6 +29,9 @@ def _model(args: argparse.Namespace):
         raise SystemExit(f"ptsp: unknown timm model {args.model!r} ({exc})") from exc
     except Exception as exc:
         raise SystemExit(f"ptsp: cannot create {args.model!r}: {type(exc).__name__}: {exc}") from exc
+    if args.input_size:  # preprocessing and the example input both follow --input-size
+        chans = model.pretrained_cfg.get("input_size", (3, 224, 224))[0]
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (chans, args.input_size, args.input_size)}
     return model.eval()
 
 
@@ -52,12 +57,20 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     model = _model(args)
     x = _inputs(model, args.input_size)
+    calib = None
+    if args.method != "magnitude":
+        if args.calib is None:
+            raise ValueError(f"--method {args.method} needs calibration images: pass --calib "
+                             "(a folder or a datasets name), or use --method magnitude")
+        calib = ptsp.data.calibration_loader(args.calib, args.num_samples, args.batch_size,
+                                             model=model, seed=args.seed)
     t0 = time.perf_counter()
-    pruned = ptsp.prune(model, None, args.ratio, method="magnitude", target=args.target,
+    pruned = ptsp.prune(model, calib, args.ratio, method=args.method, target=args.target,
                         example_inputs=x, round_to=args.round_to, max_ratio=args.max_ratio)
     seconds = time.perf_counter() - t0
     plan = ptsp.plan_of(pruned)
-    print(f"{args.model}: {args.ratio:.0%} fewer {args.target} (data-free magnitude pruning, "
+    source = "data-free" if calib is None else f"{plan['report']['samples']} calibration images"
+    print(f"{args.model}: {args.ratio:.0%} fewer {args.target} (method {args.method}, {source}, "
           f"input {tuple(x.shape)}, {seconds:.1f} s)\n")
     rows = [("", "before", "after", "change")]
     for key in ("params", "flops"):
@@ -111,6 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", choices=["channels", "flops", "params"], default="flops")
     p.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
     p.add_argument("--max-ratio", type=float, default=1.0, help="most one group may lose")
+    p.add_argument("--method", choices=["psp", "global", "layerwise", "bn", "magnitude"],
+                   default="psp", help="default psp; magnitude needs no calibration data")
+    p.add_argument("--calib", help="calibration images: a folder or a datasets name")
+    p.add_argument("--num-samples", type=int, default=512, help="calibration images (default 512)")
+    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
     p.set_defaults(fn=cmd_prune)
     g = sub.add_parser("groups", parents=[common], help="print a model's coupled channel groups")
     g.add_argument("--unprunable", action="store_true", help="only the groups that cannot be pruned")
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:
         print(f"ptsp: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
 

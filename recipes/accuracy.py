@@ -1,0 +1,153 @@
+"""Accuracy of every pruning method on the reference models (Fashion-MNIST, no retraining).
+
+Each cached reference model (``recipes/reference.py``) is pruned to 30%, 50% and 70% fewer FLOPs by
+every method, calibrating on the same 512 unlabeled training images, and evaluated on the 10k test
+images. Rows are appended to ``recipes/results/accuracy.csv`` as they finish (re-running resumes);
+the markdown table and the accuracy-vs-FLOPs plot are rewritten from the CSV.
+
+    python recipes/reference.py && python recipes/accuracy.py
+    python recipes/accuracy.py --models resnet18 --levels 0.5 --methods psp bn
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fashion_mnist
+import reference
+
+import ptsp
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CSV = RESULTS / "accuracy.csv"
+FIELDS = ["model", "method", "level", "top1", "dense_top1", "flops", "flops_dense", "params",
+          "params_dense", "seconds"]
+METHODS = ("magnitude", "bn", "layerwise", "global", "psp")
+COMMAND = "python recipes/reference.py && python recipes/accuracy.py"
+
+
+def _rows() -> list[dict]:
+    if not CSV.exists():
+        return []
+    with CSV.open() as f:
+        return list(csv.DictReader(f))
+
+
+def run(models: list[str], levels: list[float], methods: list[str], samples: int) -> None:
+    done = {(r["model"], r["method"], r["level"]) for r in _rows()}
+    RESULTS.mkdir(exist_ok=True)
+    new = not CSV.exists()
+    test_images, test_labels = fashion_mnist.load("test")
+    train_images = fashion_mnist.load("train")[0]
+    for name in models:
+        model = reference.load(name)
+        cfg = model.pretrained_cfg
+        mean, std = cfg["mean"][0], cfg["std"][0]
+        test_x = fashion_mnist.prepare(test_images, reference.SIZE, mean, std)
+        calib = ptsp.data.calibration_loader(
+            fashion_mnist.prepare(train_images, reference.SIZE, mean, std), samples, 64, seed=0)
+        dense = reference.evaluate(model, test_x, test_labels)
+        dense_row = {"model": name, "method": "dense", "level": "0", "top1": f"{dense:.2f}"}
+        for level in levels:
+            for method in methods:
+                if (name, method, str(level)) in done:
+                    continue
+                t0 = time.perf_counter()
+                pruned = ptsp.prune(model, None if method == "magnitude" else calib, level,
+                                    method=method, target="flops")
+                seconds = time.perf_counter() - t0
+                plan = ptsp.plan_of(pruned)
+                row = {"model": name, "method": method, "level": str(level),
+                       "top1": f"{reference.evaluate(pruned, test_x, test_labels):.2f}",
+                       "dense_top1": dense_row["top1"], "flops": plan["flops"]["after"],
+                       "flops_dense": plan["flops"]["before"], "params": plan["params"]["after"],
+                       "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}"}
+                print(row, flush=True)
+                with CSV.open("a", newline="") as f:
+                    writer = csv.DictWriter(f, FIELDS)
+                    if new:
+                        writer.writeheader()
+                        new = False
+                    writer.writerow(row)
+        write_report()
+
+
+def write_report() -> None:
+    rows = _rows()
+    if not rows:
+        return
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    levels = sorted({r["level"] for r in rows}, key=float)
+    lines = ["# Accuracy without retraining (Fashion-MNIST reference models)", "",
+             f"Regenerate: `{COMMAND}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
+             "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
+             "images and default settings. Δ is psp minus the dense model.", ""]
+    header = "| model | dense | level | " + " | ".join(METHODS) + " | psp Δ | params kept | psp seconds |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for name in models:
+        for level in levels:
+            cell = {r["method"]: r for r in rows if r["model"] == name and r["level"] == level}
+            if not cell:
+                continue
+            any_row = next(iter(cell.values()))
+            dense = float(any_row["dense_top1"])
+            tops = {m: float(cell[m]["top1"]) for m in METHODS if m in cell}
+            best = max(tops.values())
+            shown = [(f"**{tops[m]:.2f}**" if tops[m] == best else f"{tops[m]:.2f}") if m in tops else "–"
+                     for m in METHODS]
+            delta = f"{tops['psp'] - dense:+.2f}" if "psp" in tops else "–"
+            kept = f"{int(any_row['params']) / int(any_row['params_dense']):.0%}"
+            secs = cell["psp"]["seconds"] if "psp" in cell else "–"
+            lines.append(f"| {name} | {dense:.2f} | −{float(level):.0%} FLOPs | " + " | ".join(shown)
+                         + f" | {delta} | {kept} | {secs} |")
+    (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n\n![accuracy vs FLOPs](accuracy.png)\n")
+    _plot(rows, models)
+
+
+def _plot(rows: list[dict], models: list[str]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == name]
+        for method in METHODS:
+            pts = sorted((int(r["flops"]) / int(r["flops_dense"]), float(r["top1"]))
+                         for r in mine if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(float(mine[0]["dense_top1"]), color="grey", ls="--", lw=1, label="dense")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("FLOPs kept")
+        ax.set_ylabel("top-1 (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "accuracy.png", dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(reference.MODELS), choices=list(reference.MODELS))
+    parser.add_argument("--levels", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--report", action="store_true", help="only rewrite the table and plot")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.report:
+        write_report()
+    else:
+        run(args.models, args.levels, args.methods, args.samples)
+
+
+if __name__ == "__main__":
+    main()
