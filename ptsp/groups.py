@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .tracing import Comp, Context, Value, export, shape_of
+from .tracing import Context, Value, export, shape_of
 
 #: ops whose FLOPs torch.utils.flop_counter counts (after decomposition); recorded for estimates
 FLOP_OPS = {ops.aten.conv1d, ops.aten.conv2d, ops.aten.conv3d, ops.aten.convolution,

@@ -111,13 +111,13 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     with clock("plan_and_surgery"):
         removed, kept, pruned, skip = remove_checked(model, groups, inputs, skip, plan_for(model))
     if batches is not None:
-        teacher = copy.deepcopy(model).requires_grad_(False)
+        teacher = copy.deepcopy(model).requires_grad_(False) if method != "bn" else None
         if method == "psp":
             student = copy.deepcopy(model)
             with clock("phase1"):
                 masks = doomed_masks(student, groups, removed)
-                report["phase1"] = phase1(student, teacher, batches, kept, masks,
-                                                         settings, probe=pruned)
+                report["phase1"] = phase1(student, teacher, batches, kept, masks, settings,
+                                          probe=pruned)
             with clock("plan_and_surgery"):
                 removed, kept, pruned, skip = remove_checked(student, groups, inputs, skip,
                                                              plan_for(student))
@@ -127,8 +127,8 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         if method in ("psp", "global", "layerwise"):
             with clock("phase2"):
                 report["phase2"] = phase2(pruned, teacher, batches, kept, settings,
-                                                         layerwise=method == "layerwise")
-            if settings.bn != "none":
+                                          layerwise=method == "layerwise")
+            if settings.bn == "reestimate":
                 with clock("bn"):
                     reestimate_bn(pruned, batches)
         report["samples"] = int(sum(len(b) for b in batches))
@@ -185,8 +185,9 @@ def _check_fits(model: nn.Module, x: torch.Tensor) -> None:
         with torch.no_grad():
             model(x)
     except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
         raise ValueError(f"calibration images of shape {tuple(x.shape[1:])} do not fit the model: "
-                         f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+                         f"{type(exc).__name__}: {reason}") from exc
     finally:
         model.train(was_training)
 

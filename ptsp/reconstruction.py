@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .groups import Groups
-from .surgery import Kept, _along
+from .surgery import Kept, broadcast_mask
 
 #: the layers whose outputs the holistic loss matches
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -133,7 +133,7 @@ def doomed_masks(model: nn.Module, groups: Groups, removed: np.ndarray) -> list[
             if m.tensor not in tensors or not ext[m.channel].any():
                 continue
             p = tensors[m.tensor]
-            gone = _along(torch.as_tensor(ext[m.channel], device=p.device), m.dims, p.dim()).expand(p.shape)
+            gone = broadcast_mask(torch.as_tensor(ext[m.channel], device=p.device), m.dims, p.dim()).expand(p.shape)
             prev = masks.get(id(p), (p, torch.zeros(p.shape, dtype=torch.bool, device=p.device)))[1]
             masks[id(p)] = (p, prev | gone)
     return list(masks.values())

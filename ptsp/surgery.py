@@ -129,11 +129,11 @@ def zero_removed_inputs(model: nn.Module, groups: Groups, removed: np.ndarray) -
                 gone = ext[m.channel]
                 if gone.any():
                     t = tensors[m.tensor]
-                    t.masked_fill_(_along(torch.as_tensor(gone, device=t.device), m.dims, t.dim()), 0)
+                    t.masked_fill_(broadcast_mask(torch.as_tensor(gone, device=t.device), m.dims, t.dim()), 0)
     return model
 
 
-def _along(mask: torch.Tensor, dims: tuple[int, ...], ndim: int) -> torch.Tensor:
+def broadcast_mask(mask: torch.Tensor, dims: tuple[int, ...], ndim: int) -> torch.Tensor:
     """``mask`` (indexed by ``dims``) shaped to broadcast against an ``ndim``-dim tensor."""
     shape = [1] * ndim
     for ax, dim in enumerate(dims):
@@ -152,7 +152,7 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
         for m in g.members:
             if m.role == "norm" and ext[m.channel].any():
                 t = tensors[m.tensor]
-                gone = _along(torch.as_tensor(ext[m.channel]), m.dims, t.dim()).expand(t.shape)
+                gone = broadcast_mask(torch.as_tensor(ext[m.channel]), m.dims, t.dim()).expand(t.shape)
                 keep[id(t)] = keep.get(id(t), torch.ones(t.shape, dtype=torch.bool)) & ~gone
     ln, gn, rms = F.layer_norm, F.group_norm, getattr(F, "rms_norm", None)
 
@@ -180,13 +180,13 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
         k = keep.get(id(weight)) if weight is not None and num_groups == 1 else None
         if k is None:
             return gn(x, num_groups, weight, bias, eps)
-        k = _along(k.to(x.device, x.dtype), (1,), x.dim())
+        k = broadcast_mask(k.to(x.device, x.dtype), (1,), x.dim())
         dims = tuple(range(1, x.dim()))
         n = k.sum() * x[0, 0].numel()
         mean = (x * k).sum(dims, keepdim=True) / n
         var = ((x - mean) ** 2 * k).sum(dims, keepdim=True) / n
-        y = (x - mean) / torch.sqrt(var + eps) * _along(weight, (1,), x.dim())
-        return y + _along(bias, (1,), x.dim()) if bias is not None else y
+        y = (x - mean) / torch.sqrt(var + eps) * broadcast_mask(weight, (1,), x.dim())
+        return y + broadcast_mask(bias, (1,), x.dim()) if bias is not None else y
 
     F.layer_norm, F.group_norm = layer_norm, group_norm
     if rms is not None:

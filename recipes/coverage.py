@@ -88,7 +88,6 @@ def _create(name: str):
 
 
 def run_one(name: str) -> dict:
-    import numpy as np
     import torch
 
     from ptsp.counting import count

@@ -1,0 +1,96 @@
+"""Speed of the psp pipeline against the compute floor: the same forward and backward passes with
+no hooks, loss bookkeeping, planning or surgery.
+
+The floor replays, on the same model and data, what the pipeline must compute: phase 1 (teacher
+forward, student forward and backward, Adam step) on the dense model, phase 2 the same on the
+pruned model, and the two BatchNorm re-estimation forwards. The ratio is pipeline / floor
+(target ≤ 1.3). Writes ``recipes/results/bench_prune.md``.
+
+    python recipes/bench_prune.py --model resnet18 --size 224 --samples 256
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import ptsp
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list[torch.Tensor],
+                  settings: ptsp.Reconstruction) -> float:
+    """Wall time of the bare passes the pipeline needs."""
+    def passes(student: torch.nn.Module, teacher: torch.nn.Module, n: int) -> None:
+        optimiser = torch.optim.Adam(student.parameters(), settings.lr)
+        for _ in range(n):
+            for x in batches:
+                with torch.no_grad():
+                    teacher(x)
+                optimiser.zero_grad()
+                student(x).float().pow(2).mean().backward()
+                optimiser.step()
+
+    teacher = copy.deepcopy(model).eval()
+    t0 = time.perf_counter()
+    passes(copy.deepcopy(model).eval(), teacher, settings.phase1_passes)
+    passes(copy.deepcopy(pruned).eval(), teacher, settings.phase2_passes)
+    with torch.no_grad():
+        for _ in range(2):
+            for x in batches:
+                pruned.train()(x)
+    pruned.eval()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--phase1-passes", type=int, default=20)
+    parser.add_argument("--phase2-passes", type=int, default=10)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=10).eval()
+    images = torch.randn(args.samples, 3, args.size, args.size)
+    calib = ptsp.data.calibration_loader(images, args.samples, args.batch)
+    batches = ptsp.data.read_batches(calib)
+    settings = ptsp.Reconstruction(phase1_passes=args.phase1_passes,
+                                   phase2_passes=args.phase2_passes, progress=False)
+    rows = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        pruned = ptsp.prune(model, calib, args.ratio, target="flops", reconstruction=settings)
+        pipeline = time.perf_counter() - t0
+        floor = floor_seconds(model, pruned, batches, settings)
+        rows.append((pipeline, floor))
+        print(f"pipeline {pipeline:.1f} s, floor {floor:.1f} s, ratio {pipeline / floor:.2f}", flush=True)
+    pipe = statistics.median(r[0] for r in rows)
+    floor = statistics.median(r[1] for r in rows)
+    ratio = statistics.median(r[0] / r[1] for r in rows)
+    cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
+           f"{args.samples} --batch {args.batch} --runs {args.runs} --phase1-passes "
+           f"{args.phase1_passes} --phase2-passes {args.phase2_passes}")
+    table = ["| model | input | samples | passes (1+2) | pipeline s | floor s | ratio |", "|---|---|---|---|---|---|---|",
+             f"| {args.model} | {args.size}×{args.size} | {args.samples} | {args.phase1_passes}+{args.phase2_passes} "
+             f"| {pipe:.1f} | {floor:.1f} | {ratio:.2f} |"]
+    print("\n".join(table))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "bench_prune.md"
+    text = out.read_text() if out.exists() else "# psp pipeline vs the compute floor (CPU, medians)\n"
+    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, {torch.get_num_threads()} threads)\n\n"
+                   + "\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
