@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import safetensors
 import torch
 
 import fashion_mnist
@@ -87,6 +88,15 @@ def write_report() -> None:
              f"Regenerate: `{COMMAND}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
              "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
              "images and default settings. Δ is psp minus the dense model.", ""]
+    trained = []
+    for name in models:
+        path = reference.CACHE / f"{name}.safetensors"
+        if path.exists():
+            with safetensors.safe_open(str(path), "pt") as f:
+                trained.append(f"{name}: {f.metadata()['epochs']} epoch(s)")
+    if trained:
+        lines += ["Reference training (`recipes/reference.py --epochs N`): " + ", ".join(trained)
+                  + ". Seconds are wall time on the shared 2-core CPU.", ""]
     header = "| model | dense | level | " + " | ".join(METHODS) + " | psp Δ | params kept | psp seconds |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name in models:
