@@ -18,7 +18,7 @@ from .counting import Estimator, count
 from .data import read_batches
 from .groups import Groups, build_groups
 from .importance import IMPORTANCE, normalised_scores
-from .reconstruction import Reconstruction, doomed_masks, phase1, phase2, reestimate_bn
+from .reconstruction import Reconstruction, device_of, doomed_masks, phase1, phase2, reestimate_bn
 from .selection import TARGETS, select
 from .surgery import Kept, apply, kept_indices
 
@@ -84,7 +84,7 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     if reconstruction is not None and not isinstance(reconstruction, Reconstruction):
         raise TypeError("reconstruction must be a ptsp.Reconstruction")
     settings = reconstruction or Reconstruction()
-    device = _device(model)
+    device = device_of(model)
     batches = read_batches(calib_loader) if method in DATA_METHODS else None
     if example_inputs is not None:
         inputs = example_inputs
@@ -170,11 +170,6 @@ class _Clock:
             yield
         finally:
             self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _check_fits(model: nn.Module, x: torch.Tensor) -> None:

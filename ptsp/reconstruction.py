@@ -153,7 +153,7 @@ def reestimate_bn(model: nn.Module, batches: list[torch.Tensor]) -> None:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
         m.train()
-    device = _device(model)
+    device = device_of(model)
     try:
         with torch.no_grad():
             for x in batches:
@@ -213,7 +213,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     report: dict[str, Any] = {"passes": passes, "layers": len(targets), "loss": []}
     if passes == 0 or not targets:
         return report
-    device = _device(student)
+    device = device_of(student)
     train_bn = settings.bn == "train"
     _set_modes(student, train_bn)
     _set_modes(teacher, train_bn)
@@ -422,7 +422,7 @@ def _activation_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> d
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     with _eval(model), torch.no_grad():
         try:
-            model(x.to(_device(model)))
+            model(x.to(device_of(model)))
         finally:
             for h in handles:
                 h.remove()
@@ -492,6 +492,7 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def _device(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
