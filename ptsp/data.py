@@ -23,25 +23,66 @@ def calibration_loader(source: Any, num_samples: int = 512, batch_size: int = 64
     """A loader of ``num_samples`` unlabeled images drawn without replacement (seeded) from
     ``source``, preprocessed for ``model``.
 
-    ``source`` may be a folder of images, a ``datasets`` dataset (or its hub name, when online),
-    a torch ``Dataset`` of images or ``(image, label)`` pairs, or a tensor of model-ready images
-    ``[N, C, H, W]``. PIL images are preprocessed with the model's timm data config (eval
+    ``source`` may be a folder (of images, optionally in class subfolders, or of parquet files
+    such as :func:`save_calibration_set` writes), a ``datasets`` dataset (or its hub name, when
+    online), a torch ``Dataset`` of images or ``(image, label)`` pairs, or a tensor of model-ready
+    images ``[N, C, H, W]``. PIL images are preprocessed with the model's timm data config (eval
     transform) unless ``transform`` is given; tensors are used as they are.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    return _loader(source, num_samples, batch_size, model, seed, split, transform, labels=False)
+
+
+def evaluation_loader(source: Any, model: nn.Module | None = None, *, split: str = "test",
+                      batch_size: int = 64, num_samples: int | None = None, seed: int = 0,
+                      transform: Any = None) -> DataLoader:
+    """A loader of ``(images, labels)`` from a labelled ``source`` (the forms of
+    :func:`calibration_loader`, with labels), preprocessed for ``model``: every item in order, or
+    a seeded sample of ``num_samples``."""
+    return _loader(source, num_samples, batch_size, model, seed, split, transform, labels=True)
+
+
+def save_calibration_set(source: Any, path: str | os.PathLike, num_samples: int = 512, *,
+                         seed: int = 0, split: str = "train") -> str:
+    """Draw ``num_samples`` items without replacement (seeded) from a folder of images or a
+    ``datasets`` dataset (or hub name) and write them, images and labels as they are, to
+    ``path/<split>.parquet``: a small calibration set that :func:`calibration_loader` reads from
+    ``path`` offline (for example 1024 ImageNet training images)."""
+    import datasets
+
+    dataset = _as_dataset(source, split)
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError("save_calibration_set takes a folder of images or a datasets dataset "
+                        f"(or its name), not a {type(dataset).__name__}")
+    order = _sample(len(dataset), num_samples, seed)
+    os.makedirs(path, exist_ok=True)
+    out = os.path.join(path, f"{split}.parquet")
+    tmp = out + ".tmp"
+    dataset.select(sorted(order)).to_parquet(tmp)  # source order: faster reads, stable files
+    os.replace(tmp, out)
+    return out
+
+
+def _loader(source: Any, num_samples: int | None, batch_size: int, model: nn.Module | None,
+            seed: int, split: str, transform: Any, labels: bool) -> DataLoader:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     dataset = _as_dataset(source, split)
-    size = len(dataset)
-    if size < num_samples:
-        raise ValueError(f"the calibration source has {size} images, fewer than the "
-                         f"num_samples={num_samples} asked for")
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_samples]
+    if labels and isinstance(dataset, torch.Tensor):
+        raise TypeError("a tensor holds no labels: pass a dataset of (image, label) pairs")
+    order = list(range(len(dataset))) if num_samples is None else _sample(len(dataset), num_samples, seed)
     if transform is None and not isinstance(source, torch.Tensor):
         transform = image_transform(model)
-    return DataLoader(_Images(dataset, order.tolist(), transform), batch_size=batch_size,
-                      shuffle=False)
+    return DataLoader(_Items(dataset, order, transform, labels), batch_size=batch_size, shuffle=False)
+
+
+def _sample(size: int, num_samples: int, seed: int) -> list[int]:
+    """``num_samples`` distinct positions out of ``size``, the same for the same seed."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if size < num_samples:
+        raise ValueError(f"the source has {size} images, fewer than the num_samples={num_samples} "
+                         "asked for")
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_samples].tolist()
 
 
 def image_transform(model: nn.Module | None):
@@ -66,18 +107,20 @@ def image_transform(model: nn.Module | None):
     return transform
 
 
-class _Images(Dataset):
-    """The chosen items of a dataset, images only, transformed."""
+class _Items(Dataset):
+    """The chosen items of a dataset: transformed images, with their labels if asked."""
 
-    def __init__(self, dataset: Any, indices: list[int], transform: Any) -> None:
-        self.dataset, self.indices, self.transform = dataset, indices, transform
+    def __init__(self, dataset: Any, indices: list[int], transform: Any, labels: bool) -> None:
+        self.dataset, self.indices, self.transform, self.labels = dataset, indices, transform, labels
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = _image_of(self.dataset[self.indices[i]])
-        return self.transform(image) if self.transform is not None else image
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[self.indices[i]]
+        image = _image_of(item)
+        image = self.transform(image) if self.transform is not None else image
+        return (image, _label_of(item)) if self.labels else image
 
 
 def _as_dataset(source: Any, split: str) -> Any:
@@ -90,16 +133,16 @@ def _as_dataset(source: Any, split: str) -> Any:
         import datasets
 
         path = os.fspath(source)
-        if os.path.isdir(path):
-            return datasets.load_dataset("imagefolder", data_dir=path, split="train")
-        if os.path.exists(path):
-            raise ValueError(f"calibration source {path!r} is a file; pass a folder of images, "
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"image source {path!r} is a file; pass a folder of images, "
                              "a datasets dataset or a tensor")
-        try:
+        try:  # a local folder: datasets infers images (imagefolder) or parquet, and the splits
             return datasets.load_dataset(path, split=split)
         except Exception as exc:
-            raise ValueError(f"calibration source {path!r} is neither a folder nor a loadable "
-                             f"datasets name: {type(exc).__name__}: {exc}") from exc
+            what = "folder" if os.path.isdir(path) else "datasets name"
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"image source {path!r}: cannot read split {split!r} of this {what}: "
+                             f"{reason}") from exc
     if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
         return source
     raise TypeError(f"unsupported calibration source of type {type(source).__name__}: pass a "
@@ -117,6 +160,17 @@ def _image_of(item: Any) -> Any:
         raise ValueError(f"no image in a dataset item with keys {sorted(item)}; expected one of "
                          f"{IMAGE_KEYS}")
     return item
+
+
+def _label_of(item: Any) -> int:
+    """The label in a dataset item: the second of a pair, or a dict's label."""
+    if isinstance(item, (tuple, list)) and len(item) > 1:
+        return int(item[1])
+    if isinstance(item, Mapping):
+        for key in ("label", "labels"):
+            if key in item:
+                return int(item[key])
+    raise ValueError("evaluation needs labelled items: (image, label) pairs or dicts with 'label'")
 
 
 def read_batches(loader: Iterable) -> list[torch.Tensor]:

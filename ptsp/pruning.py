@@ -20,7 +20,7 @@ from .groups import Groups, build_groups
 from .importance import IMPORTANCE, normalised_scores
 from .reconstruction import Reconstruction, device_of, doomed_masks, phase1, phase2, reestimate_bn
 from .selection import TARGETS, select
-from .surgery import Kept, apply, kept_indices
+from .surgery import Kept, apply, compose, kept_indices
 
 #: methods that need calibration data (post-training reconstruction)
 DATA_METHODS = ("bn", "layerwise", "global", "psp")
@@ -144,8 +144,9 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         "round_to": round_to,
         "reconstruction": dataclasses.asdict(settings) if batches is not None else None,
         "input_shape": list(inputs.shape) if isinstance(inputs, torch.Tensor) else None,
-        "kept": {m: {t: {str(d): idx for d, idx in dims.items()} for t, dims in ts.items()}
-                 for m, ts in kept.items()},
+        "kept": compose(getattr(model, PLAN_ATTR, {}).get("kept", {}),  # pruned before: compose
+                        {m: {t: {str(d): idx for d, idx in dims.items()} for t, dims in ts.items()}
+                         for m, ts in kept.items()}),
         "channels": {"prunable": int(sum(g.channels for g in groups if g.prunable)),
                      "removed": int(removed.sum())},
         "params": {"before": estimator.params_before, "after": params_after},

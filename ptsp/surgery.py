@@ -54,6 +54,18 @@ def kept_indices(groups: Groups, removed: np.ndarray) -> Kept:
     return kept
 
 
+def compose(first: dict, then: dict) -> dict:
+    """The kept map of pruning by ``first`` and then by ``then``, whose indices count the widths
+    ``first`` left: a model pruned twice still records original indices of its base."""
+    out = {m: {t: dict(dims) for t, dims in ts.items()} for m, ts in first.items()}
+    for module, tensors in then.items():
+        for name, dims in tensors.items():
+            prior = out.setdefault(module, {}).setdefault(name, {})
+            for dim, idx in dims.items():
+                prior[dim] = [prior[dim][i] for i in idx] if dim in prior else list(idx)
+    return out
+
+
 def apply(model: nn.Module, kept: Kept) -> nn.Module:
     """Index ``model``'s tensors in place to the kept slices, then resync module attributes.
 

@@ -1,5 +1,8 @@
 """Fashion-MNIST, offline: the IDX files of Debian's ``dataset-fashion-mnist`` package (or the
-committed sample in ``calib_data/``), as tensors ready for the reference models."""
+committed sample in ``calib_data/``), as tensors ready for the reference models.
+
+    python recipes/fashion_mnist.py     # rewrite the committed sample calib_data/fashion_mnist/
+"""
 from __future__ import annotations
 
 import gzip
@@ -11,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(os.environ.get("FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-SAMPLE = Path(__file__).resolve().parent.parent / "calib_data" / "fashion_mnist_sample.npz"
+SAMPLE = Path(__file__).resolve().parent.parent / "calib_data" / "fashion_mnist"
+#: images per split in the committed sample
+SAMPLE_SIZES = {"train": 3000, "test": 1000}
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Ankle boot")
 
@@ -30,8 +35,11 @@ def load(split: str, sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if sample:
-        with np.load(SAMPLE) as z:
-            return torch.from_numpy(z[f"{split}_images"]), torch.from_numpy(z[f"{split}_labels"]).long()
+        import datasets
+
+        items = datasets.load_dataset(str(SAMPLE), split=split)
+        return (torch.from_numpy(np.stack([np.asarray(im) for im in items["image"]])),
+                torch.tensor(items["label"], dtype=torch.long))
     prefix = "train" if split == "train" else "t10k"
     images = ROOT / f"{prefix}-images-idx3-ubyte.gz"
     if not images.exists():
@@ -47,3 +55,28 @@ def prepare(images: torch.Tensor, size: int, mean: float, std: float) -> torch.T
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return (x - mean) / std
+
+
+def dataset(split: str):
+    """The full split as a ``datasets`` dataset of PIL images, labels and original positions."""
+    import datasets
+    from PIL import Image
+
+    images, labels = load(split)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES),
+                                  "index": datasets.Value("int64")})
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(a) for a in images.numpy()], "label": labels.tolist(),
+         "index": list(range(len(labels)))}, features=features)
+
+
+def write_sample() -> None:
+    """The committed sample: a seeded draw per split, written by ptsp's calibration-set builder."""
+    import ptsp
+
+    for split, n in SAMPLE_SIZES.items():
+        print(ptsp.data.save_calibration_set(dataset(split), SAMPLE, n, seed=0, split=split))
+
+
+if __name__ == "__main__":
+    write_sample()

@@ -3,6 +3,7 @@ cached as safetensors for the accuracy benchmark (``recipes/accuracy.py``).
 
     python recipes/reference.py                      # train every missing reference model
     python recipes/reference.py --models resnet18 --epochs 2
+    python recipes/reference.py --models resnet10t --epochs 4 --ship   # the demo model
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ import torch.nn.functional as F
 import fashion_mnist
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "reference"
+SHIPPED = Path(__file__).resolve().parent.parent / "calib_data"
 SIZE = 32
 #: timm name → creation arguments beyond num_classes / in_chans (a 32×32 ViT needs small patches)
 MODELS: dict[str, dict] = {
     "resnet18": {}, "resnet50": {}, "mobilenetv3_large_100": {}, "convnext_atto": {},
     "deit_tiny_patch16_224": {"img_size": SIZE, "patch_size": 8}, "densenet121": {},
+    "resnet10t": {"channels": (32, 64, 128, 256)},  # half width, 5 MB: the offline demo's model
 }
 
 
@@ -119,12 +122,19 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="retrain models already cached")
+    parser.add_argument("--ship", action="store_true",
+                        help="also write each model as a ptsp artifact into calib_data/ (the demo model)")
     args = parser.parse_args()
     for name in args.models:
         if (CACHE / f"{name}.safetensors").exists() and not args.force:
             print(f"{name}: cached")
-            continue
-        train(name, args.epochs, args.batch, args.lr, args.seed)
+        else:
+            train(name, args.epochs, args.batch, args.lr, args.seed)
+        if args.ship:
+            import ptsp
+
+            print(ptsp.save(load(name), SHIPPED / f"{name}.safetensors", overwrite=True,
+                            model_args=MODELS[name]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import copy
 import math
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -20,20 +21,19 @@ from ptsp.surgery import apply, kept_indices
 
 from nets import OutOfOrder, SmallCNN
 
-SAMPLE = Path(__file__).resolve().parent.parent / "calib_data" / "fashion_mnist_sample.npz"
+SAMPLE = Path(__file__).resolve().parent.parent / "calib_data" / "fashion_mnist"
 FAST = Reconstruction(phase1_passes=5, phase2_passes=5, progress=False)
 
 
-def _images(raw: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(raw).float().div(255).unsqueeze(1)
-    return (x - 0.286) / 0.353
+def _split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    items = datasets.load_dataset(str(SAMPLE), split=name)
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in items["image"]])).float().div(255)
+    return (x.unsqueeze(1) - 0.286) / 0.353, torch.tensor(items["label"])
 
 
 @pytest.fixture(scope="module")
 def fmnist():
-    with np.load(SAMPLE) as z:
-        return (_images(z["train_images"]), torch.from_numpy(z["train_labels"]).long(),
-                _images(z["test_images"]), torch.from_numpy(z["test_labels"]).long())
+    return _split("train") + _split("test")
 
 
 @pytest.fixture(scope="module")
