@@ -8,7 +8,7 @@ install:
 	$(PIP_INSTALL) -e .
 
 demo: install
-	$(PYTHON) -m ptsp.cli prune --model resnet50 --method magnitude --ratio 0.5 --target flops
+	$(PYTHON) -m ptsp.cli prune --overwrite
 
 test:
 	$(PIP_INSTALL) -e ".[dev]"

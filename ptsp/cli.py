@@ -194,18 +194,22 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{args.file}: {base.get('timm') or base.get('class')}({args_text})")
     print(f"  written by ptsp {plan.get('ptsp_version')}; method {plan.get('method') or 'none (dense)'}")
     if plan.get("method"):
-        print(f"  {plan['ratio']:.0%} fewer {plan['target']}, importance {plan['importance']}, "
-              f"round_to {plan['round_to']}, max_ratio {plan['max_ratio']}")
-        if plan.get("reconstruction"):
-            print("  reconstruction: " + json.dumps(plan["reconstruction"]))
+        if "ratio" in plan:
+            print(f"  {plan['ratio']:.0%} fewer {plan['target']}, importance {plan['importance']}, "
+                  f"round_to {plan['round_to']}, max_ratio {plan['max_ratio']}")
+        for key in ("reconstruction", "dhspg"):
+            if plan.get(key):
+                print(f"  {key}: " + json.dumps(plan[key]))
         print(f"  params {_human(plan['params']['before'])} → {_human(plan['params']['after'])}, "
               f"FLOPs {_human(plan['flops']['before'])} → {_human(plan['flops']['after'])}")
         report = plan.get("report") or {}
+        if "group_sparsity" in report:
+            print(f"  group sparsity {report['group_sparsity']:.3f} of {report['groups']} groups")
         for phase in ("phase1", "phase2"):
-            losses = (report.get(phase) or {}).get("losses")
+            losses = (report.get(phase) or {}).get("loss")
             if losses:
-                print(f"  {phase} reconstruction loss: {losses[0]:.4g} → {losses[-1]:.4g} "
-                      f"({len(losses)} passes)")
+                print(f"  {phase} reconstruction loss per pass: {losses[0]:.4g} → {losses[-1]:.4g} "
+                      f"({len(losses)} passes over {report[phase]['layers']} layers)")
         if "samples" in report:
             print(f"  calibration images: {report['samples']}")
         seconds = plan.get("seconds") or {}

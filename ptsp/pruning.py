@@ -133,9 +133,7 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
                     reestimate_bn(pruned, batches)
         report["samples"] = int(sum(len(b) for b in batches))
     pruned.eval()
-    params_after, flops_after = count(pruned, inputs)
     plan = {
-        "ptsp_version": __version__,
         "method": method,
         "importance": importance,
         "target": target,
@@ -143,19 +141,31 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         "max_ratio": float(max_ratio),
         "round_to": round_to,
         "reconstruction": dataclasses.asdict(settings) if batches is not None else None,
-        "input_shape": list(inputs.shape) if isinstance(inputs, torch.Tensor) else None,
-        "kept": compose(getattr(model, PLAN_ATTR, {}).get("kept", {}),  # pruned before: compose
-                        {m: {t: {str(d): idx for d, idx in dims.items()} for t, dims in ts.items()}
-                         for m, ts in kept.items()}),
-        "channels": {"prunable": int(sum(g.channels for g in groups if g.prunable)),
-                     "removed": int(removed.sum())},
-        "params": {"before": estimator.params_before, "after": params_after},
-        "flops": {"before": estimator.flops_before, "after": flops_after},
+        **record(model, pruned, groups, removed, kept, inputs,
+                 (estimator.params_before, estimator.flops_before)),
         "report": report,
         "seconds": times,
     }
     setattr(pruned, PLAN_ATTR, plan)
     return pruned
+
+
+def record(model: nn.Module, pruned: nn.Module, groups: Groups, removed: np.ndarray, kept: Kept,
+           inputs: Any, before: tuple[int, int]) -> dict:
+    """The plan fields every pruned model carries: kept original indices (composed with the plan
+    ``model`` was pruned with, if any), channels, and parameters and FLOPs before and after."""
+    params_after, flops_after = count(pruned, inputs)
+    return {
+        "ptsp_version": __version__,
+        "input_shape": list(inputs.shape) if isinstance(inputs, torch.Tensor) else None,
+        "kept": compose(getattr(model, PLAN_ATTR, {}).get("kept", {}),
+                        {m: {t: {str(d): idx for d, idx in dims.items()} for t, dims in ts.items()}
+                         for m, ts in kept.items()}),
+        "channels": {"prunable": int(sum(g.channels for g in groups if g.prunable)),
+                     "removed": int(removed.sum())},
+        "params": {"before": before[0], "after": params_after},
+        "flops": {"before": before[1], "after": flops_after},
+    }
 
 
 class _Clock:

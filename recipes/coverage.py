@@ -65,9 +65,9 @@ def cached_candidates(path: Path, limit_m: float) -> list[str]:
     return [n for n, _ in found]
 
 
-def _create(name: str):
-    """The model and a 96x96 input if it runs on one (built with ``img_size=96`` when it takes
-    that argument), else its default input size."""
+def create(name: str):
+    """(model, input, creation arguments): a 96x96 input if the model runs on one (built with
+    ``img_size=96`` when it takes that argument), else its default input size."""
     import timm
     import torch
 
@@ -75,16 +75,16 @@ def _create(name: str):
     cfg = model.pretrained_cfg.get("input_size", (3, 224, 224))
     small = torch.randn(2, cfg[0], SMALL, SMALL, generator=torch.Generator().manual_seed(0))
     if cfg[1] <= SMALL:
-        return model, torch.randn(2, *cfg, generator=torch.Generator().manual_seed(0))
-    for make in (lambda: model, lambda: timm.create_model(name, pretrained=False, img_size=SMALL).eval()):
+        return model, torch.randn(2, *cfg, generator=torch.Generator().manual_seed(0)), {}
+    for kwargs in ({}, {"img_size": SMALL}):
         try:
-            m = make()
+            m = timm.create_model(name, pretrained=False, **kwargs).eval() if kwargs else model
             with torch.no_grad():
                 m(small[:1])
-            return m, small
+            return m, small, kwargs
         except Exception:
             continue
-    return model, torch.randn(2, *cfg, generator=torch.Generator().manual_seed(0))
+    return model, torch.randn(2, *cfg, generator=torch.Generator().manual_seed(0)), {}
 
 
 def run_one(name: str) -> dict:
@@ -100,7 +100,7 @@ def run_one(name: str) -> dict:
     torch.manual_seed(0)
     row: dict = {"model": name}
     try:
-        model, x = _create(name)
+        model, x, _ = create(name)
     except Exception as exc:
         return {**row, "status": "skip", "error": f"create: {type(exc).__name__}: {exc}"[:300]}
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
@@ -141,7 +141,7 @@ def run_one(name: str) -> dict:
     return row
 
 
-def _worker(conn) -> None:
+def _worker(conn, job) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -149,7 +149,7 @@ def _worker(conn) -> None:
         name = conn.recv()
         if name is None:
             return
-        conn.send(run_one(name))
+        conn.send(job(name))
 
 
 def main() -> None:
@@ -183,7 +183,7 @@ def main() -> None:
         writer = csv.DictWriter(f, FIELDS)
         if write_header:
             writer.writeheader()
-        for row in _run_pool(todo, args.workers, args.timeout):
+        for row in run_pool(todo, args.workers, args.timeout):
             writer.writerow({k: row.get(k, "") for k in FIELDS})
             f.flush()
             done[row["model"]] = row
@@ -193,14 +193,16 @@ def main() -> None:
     print(summary)
 
 
-def _run_pool(todo: list[str], workers: int, timeout: float):
+def run_pool(todo: list[str], workers: int, timeout: float, job=run_one):
+    """Rows of ``job(name)`` for each name, computed in ``workers`` spawned processes, a process
+    killed and replaced when one name takes over ``timeout`` seconds."""
     ctx = mp.get_context("spawn")
     queue = list(todo)
     slots: list = []
 
     def start():
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(child,), daemon=True)
+        p = ctx.Process(target=_worker, args=(child, job), daemon=True)
         p.start()
         return [p, parent, None, 0.0]
 

@@ -56,6 +56,44 @@ def test_datasets_source(grey_model):
     _check(calibration_loader(ds, 16, 8, model=grey_model), 16)
 
 
+def _labelled(n: int):
+    import datasets
+
+    return datasets.Dataset.from_dict({"image": _pil(n), "label": [i % 3 for i in range(n)],
+                                       "index": list(range(n))})
+
+
+def test_saved_calibration_set_is_a_seeded_sample_read_back_offline(tmp_path, grey_model):
+    source = _labelled(30)
+    out = ptsp.data.save_calibration_set(source, tmp_path / "calib", 12, seed=3)
+    again = ptsp.data.save_calibration_set(source, tmp_path / "again", 12, seed=3)
+    assert out.endswith("train.parquet")
+    assert open(out, "rb").read() == open(again, "rb").read()
+    import datasets
+
+    kept = datasets.load_dataset(str(tmp_path / "calib"), split="train")["index"]
+    assert len(set(kept)) == 12 and kept == sorted(kept)
+    _check(calibration_loader(tmp_path / "calib", 12, 5, model=grey_model), 12)
+    with pytest.raises(ValueError, match="fewer than the num_samples=31"):
+        ptsp.data.save_calibration_set(source, tmp_path / "big", 31)
+    with pytest.raises(TypeError, match="folder of images or a datasets dataset"):
+        ptsp.data.save_calibration_set(torch.zeros(4, 1, 2, 2), tmp_path / "t", 2)
+
+
+def test_evaluation_loader_keeps_labels_in_order(tmp_path, grey_model):
+    ptsp.data.save_calibration_set(_labelled(10), tmp_path, 10, split="test")
+    batches = list(ptsp.data.evaluation_loader(tmp_path, grey_model, batch_size=4))
+    labels = torch.cat([y for _, y in batches])
+    assert labels.tolist() == [i % 3 for i in range(10)]
+    assert batches[0][0].shape == (4, 1, 32, 32)
+    sample = list(ptsp.data.evaluation_loader(tmp_path, grey_model, num_samples=6, seed=1))
+    assert len(sample[0][1]) == 6
+    with pytest.raises(ValueError, match="no split 'train'|cannot read split 'train'"):
+        ptsp.data.evaluation_loader(tmp_path, grey_model, split="train")
+    with pytest.raises(ValueError, match="labelled items"):
+        next(iter(ptsp.data.evaluation_loader(_pil(4), grey_model)))
+
+
 def test_torch_dataset_of_pairs_and_rgb_model():
     pairs = [(image, 0) for image in _pil(9)]
     model = timm.create_model("resnet18", num_classes=10)  # RGB, 224 config

@@ -1,0 +1,476 @@
+"""DHSPG (OTOv2's Dual Half-Space Projected Gradient) on ptsp's groups: train once from scratch
+while whole channel groups are driven to exactly zero, then compress to a smaller model that
+computes the same function.
+
+One DHSPG group is one channel of a prunable ptsp group; its vector ``x_g`` is every parameter
+slice that produces the channel (conv/linear rows and biases, norm scale and shift, per-channel
+parameters such as layer scales or position embeddings), never the consumers' input columns and
+never buffers. A channel whose producers are all zero outputs zero only if every op on its way to
+its consumers maps zero to zero, so candidates are checked numerically once ("zero-invariant"):
+channels that cross a normalisation over channels, or pass through ``sigmoid`` into a consumer,
+say, are not candidates. Compression then removes exactly the zero channels with ptsp's surgery.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .counting import count
+from .groups import Groups, build_groups
+from .pruning import PLAN_ATTR, default_inputs, record
+from .surgery import apply, broadcast_mask, kept_indices, zero_removed_inputs
+
+VARIANTS = ("sgd", "adam", "adamw")
+#: OTOv2's defaults per base optimiser: (lmbda, lmbda_amplify, hat_lmbda_coeff)
+LEGACY = {"sgd": (1e-3, 2.0, 10.0), "adam": (1e-2, 20.0, 1e3), "adamw": (1e-2, 20.0, 1e3)}
+#: relative output change above which zeroing a channel's producers is not zero-invariant
+INVARIANCE_TOL = 1e-5
+
+
+class DHSPG(torch.optim.Optimizer):
+    """The Dual Half-Space Projected Gradient optimiser over the channels of ``model``'s groups.
+
+    Steps up to the partition step are the plain base optimiser. At the partition step the
+    ⌊(target + tolerance)·|G|⌋ channels scored most redundant (direction aligned with the weights,
+    small magnitude) form the fixed redundant set. From then on their trial step also shrinks them
+    along ``-x_g/‖x_g‖`` with an adaptive λ_g, and after the half-space step a group whose trial
+    point leaves the half-space ``⟨x̂_g, x_g⟩ ≥ ε‖x_g‖²`` is set to zero. Zero groups stay zero.
+    Two ptsp additions make the target reliable (OTO users' most common complaint): projection
+    never zeroes more groups than the target needs (no overshoot by the tolerance), and
+    ``pruning_steps`` after the partition the redundant groups still needed are projected,
+    smallest first (no target missed because λ or ε were weak). Once the target is reached the
+    penalty stops for good and training continues with the base optimiser.
+
+    Args (OTOv2's names and defaults; λ, κ and c default by variant as OTOv2's do):
+        model: the model being trained; its parameters are optimised.
+        example_inputs: one input batch to trace the model (default: from its timm data config).
+        groups: ptsp groups of ``model`` (built from ``example_inputs`` when not given).
+        lr: learning rate α. variant: "sgd" (with momentum), "adam" or "adamw".
+        lmbda, lmbda_amplify, hat_lmbda_coeff: λ, κ and c of the adaptive penalty.
+        epsilon: half-space parameter ε in [0, 1) (0: project only groups whose trial point
+            crosses the origin's half-space; tutorials use 0.9-0.95).
+        target_group_sparsity: fraction of candidate groups to zero, in (0, 1).
+        tolerance_group_sparsity: extra fraction in the redundant set.
+        start_pruning_steps: sets ``partition_step`` and ``half_space_project_steps`` unless given.
+        warm_up_steps: plain steps before any partition.
+        pruning_steps: steps after the partition by which the target is forced (default: as many
+            as the partition step, at least 1; ``math.inf``: never, OTOv2's behaviour).
+        first_momentum, second_momentum, dampening: SGD momentum (default 0) / Adam betas
+            (default 0.9, 0.999) and SGD dampening.
+        weight_decay, weight_decay_type: decay added to the gradient ("l2"), or applied to the
+            weights ("decoupled", always so for adamw).
+        group_divisible: kept channels of each ptsp group are a multiple of this after compression.
+        fixed_zero_groups: zero groups stay zero for the rest of training.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any = None, *, groups: Groups | None = None,
+                 lr: float = 0.1, variant: str = "sgd", lmbda: float | None = None,
+                 lmbda_amplify: float | None = None, hat_lmbda_coeff: float | None = None,
+                 epsilon: float = 0.0, target_group_sparsity: float = 0.5,
+                 tolerance_group_sparsity: float = 0.05, start_pruning_steps: int = 0,
+                 partition_step: int | None = None, half_space_project_steps: int | None = None,
+                 warm_up_steps: int = 0, pruning_steps: float | None = None,
+                 first_momentum: float | None = None, second_momentum: float = 0.999,
+                 dampening: float = 0.0, weight_decay: float = 0.0, weight_decay_type: str = "l2",
+                 group_divisible: int = 1, fixed_zero_groups: bool = True, adam_eps: float = 1e-8) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        legacy = dict(zip(("lmbda", "lmbda_amplify", "hat_lmbda_coeff"), LEGACY[variant]))
+        lmbda = legacy["lmbda"] if lmbda is None else lmbda
+        lmbda_amplify = legacy["lmbda_amplify"] if lmbda_amplify is None else lmbda_amplify
+        hat_lmbda_coeff = legacy["hat_lmbda_coeff"] if hat_lmbda_coeff is None else hat_lmbda_coeff
+        first_momentum = (0.0 if variant == "sgd" else 0.9) if first_momentum is None else first_momentum
+        partition_step = start_pruning_steps if partition_step is None else partition_step
+        half_space = start_pruning_steps if half_space_project_steps is None else half_space_project_steps
+        pruning_steps = max(partition_step, warm_up_steps, 1) if pruning_steps is None else pruning_steps
+        _check("target_group_sparsity", target_group_sparsity, 0, 1, "(0, 1)", open_low=True, open_high=True)
+        _check("tolerance_group_sparsity", tolerance_group_sparsity, 0, 1, "[0, 1)", open_high=True)
+        _check("epsilon", epsilon, 0, 1, "[0, 1)", open_high=True)
+        _check("first_momentum", first_momentum, 0, 1, "[0, 1)", open_high=True)
+        _check("second_momentum", second_momentum, 0, 1, "[0, 1)", open_high=True)
+        _check("dampening", dampening, 0, 1, "[0, 1]")
+        for name, value in (("lr", lr), ("lmbda", lmbda), ("weight_decay", weight_decay), ("adam_eps", adam_eps)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if lmbda_amplify < 1 or hat_lmbda_coeff < 1:
+            raise ValueError(f"lmbda_amplify and hat_lmbda_coeff must be >= 1, got {lmbda_amplify}, {hat_lmbda_coeff}")
+        for name, value in (("start_pruning_steps", start_pruning_steps), ("partition_step", partition_step),
+                            ("half_space_project_steps", half_space), ("warm_up_steps", warm_up_steps),
+                            ("group_divisible", group_divisible)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "group_divisible" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'group_divisible' else 0}, got {value!r}")
+        if not (pruning_steps == math.inf or (isinstance(pruning_steps, int) and pruning_steps >= 1)):
+            raise ValueError(f"pruning_steps must be a positive integer or math.inf, got {pruning_steps!r}")
+        if weight_decay_type not in ("l2", "decoupled"):
+            raise ValueError(f"weight_decay_type must be 'l2' or 'decoupled', got {weight_decay_type!r}")
+        defaults = dict(lr=lr, variant=variant, lmbda=lmbda, lmbda_amplify=lmbda_amplify,
+                        hat_lmbda_coeff=hat_lmbda_coeff, epsilon=epsilon,
+                        first_momentum=first_momentum, second_momentum=second_momentum,
+                        dampening=dampening, weight_decay=weight_decay,
+                        weight_decay_type="decoupled" if variant == "adamw" else weight_decay_type,
+                        adam_eps=adam_eps)
+        super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
+        self.target = float(target_group_sparsity)
+        self.tolerance = float(tolerance_group_sparsity)
+        self.partition_step = max(partition_step, warm_up_steps)
+        self.half_space_step = max(half_space, self.partition_step)
+        self.pruning_steps = pruning_steps
+        self.group_divisible = group_divisible
+        self.fixed_zero_groups = fixed_zero_groups
+        inputs = default_inputs(model) if example_inputs is None else example_inputs
+        self.groups = groups if groups is not None else build_groups(model, inputs)
+        self.channels, self.owner = _candidates(model, self.groups, inputs)
+        self._slices = _producer_slices(model, self.groups, self.channels)
+        self.state["dhspg"] = {"step": 0, "redundant": None, "zero": None, "done": False}
+
+    # -- what users log --------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        """Number of candidate groups |G| (zero-invariant channels of prunable groups)."""
+        return len(self.channels)
+
+    @property
+    def group_sparsity(self) -> float:
+        """Fraction of candidate groups that are exactly zero now."""
+        return float(self._zero().sum()) / max(self.num_groups, 1)
+
+    @property
+    def redundant_groups(self) -> np.ndarray | None:
+        """Global channel ids of the redundant set (None before the partition step)."""
+        redundant = self.state["dhspg"]["redundant"]
+        return None if redundant is None else self.channels[redundant.cpu().numpy()]
+
+    @property
+    def target_reached(self) -> bool:
+        return bool(self.state["dhspg"]["done"])
+
+    def zero_channels(self) -> np.ndarray:
+        """Global channel ids of the candidate groups that are exactly zero."""
+        return self.channels[self._zero().cpu().numpy()]
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        st = self.state["dhspg"]
+        st["step"] += 1
+        directions = self._directions()
+        if st["redundant"] is None and st["step"] > self.partition_step:
+            st["redundant"] = self._partition(directions)
+            st["zero"] = self._zero()
+        active = st["redundant"] is not None and not st["done"]
+        shrink, ratio = self._shrink(directions) if active else (None, None)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in directions:
+                    if shrink is not None:
+                        self._scale(p, 1 - shrink)
+                    p.add_(directions[p], alpha=-group["lr"])
+        if active:
+            self._project(ratio, st)
+        if self.fixed_zero_groups and st.get("zero") is not None:
+            self._set_zero(st["zero"])
+        return loss
+
+    def _directions(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The base optimiser's step direction d per parameter (lr not applied), updating its state."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                wd = group["weight_decay"]
+                if wd and group["weight_decay_type"] == "l2":
+                    grad = grad.add(p, alpha=wd)
+                elif wd:
+                    p.mul_(1 - group["lr"] * wd)
+                state = self.state[p]
+                beta1 = group["first_momentum"]
+                if group["variant"] == "sgd":
+                    if beta1:
+                        buf = state.get("momentum_buffer")
+                        if buf is None:
+                            buf = state["momentum_buffer"] = grad.clone()
+                        else:
+                            buf.mul_(beta1).add_(grad, alpha=1 - group["dampening"])
+                        grad = buf
+                    out[p] = grad
+                    continue
+                beta2 = group["second_momentum"]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                m_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
+                v_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+                out[p] = m_hat / (v_hat.sqrt() + group["adam_eps"])
+        return out
+
+    def _sums(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Per candidate group, the sum of ``fn(p)`` over its producer slices."""
+        device = next(iter(self._slices)).device if self._slices else torch.device("cpu")
+        total = torch.zeros(self.num_groups + 1, dtype=torch.float64, device=device)
+        for p, slices in self._slices.items():
+            value = fn(p)
+            if value is None:
+                continue
+            for dims, ids in slices:
+                other = tuple(d for d in range(p.dim()) if d not in dims)
+                per = value.sum(other) if other else value
+                total.index_add_(0, ids.to(total.device).reshape(-1), per.reshape(-1).double().to(total.device))
+        return total[:-1]
+
+    def _zero(self) -> torch.Tensor:
+        return self._sums(lambda p: p.detach().abs()) == 0
+
+    def _norms(self) -> torch.Tensor:
+        return self._sums(lambda p: p.detach().square()).sqrt()
+
+    def _dots(self, directions: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group ⟨x_g, d_g⟩ and ‖d_g‖²."""
+        xd = self._sums(lambda p: p.detach() * directions[p] if p in directions else None)
+        dd = self._sums(lambda p: directions[p].square() if p in directions else None)
+        return xd, dd
+
+    def _scale(self, p: torch.Tensor, factor: torch.Tensor) -> None:
+        """Multiply each producer slice of ``p`` by its group's entry of ``factor``."""
+        ext = torch.cat([factor, factor.new_ones(1)])
+        for dims, ids in self._slices.get(p, ()):
+            f = ext.to(p.device)[ids].to(p.dtype)
+            p.mul_(broadcast_mask(f, dims, p.dim()))
+
+    def _set_zero(self, zero: torch.Tensor) -> None:
+        """Zero the groups in ``zero``: their producer slices and the optimiser state there."""
+        if zero.any():
+            factor = (~zero).double()
+            for p in self._slices:
+                self._scale(p, factor)
+                for buf in self.state[p].values():
+                    if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
+                        self._scale(buf, factor)
+
+    def _partition(self, directions: dict) -> torch.Tensor:
+        """The redundant set: top ⌊(target+tolerance)·|G|⌋ by 0.5·cos(x, d) + 0.5/mean|x| (each
+        term divided by its largest magnitude), each ptsp group keeping at least one channel."""
+        xd, dd = self._dots(directions)
+        norms = self._norms()
+        cos = torch.where(norms * dd.sqrt() > 0, xd / (norms * dd.sqrt()).clamp_min(1e-30), 0)
+        mean_abs = self._sums(lambda p: p.detach().abs()) / self._sums(lambda p: torch.ones_like(p))
+        inv = torch.where(mean_abs > 0, 1 / mean_abs.clamp_min(1e-30), 0)
+        score = 0.5 * cos / cos.abs().max().clamp_min(1e-30) + 0.5 * inv / inv.abs().max().clamp_min(1e-30)
+        score = torch.where(mean_abs > 0, score, torch.full_like(score, math.inf))  # zero: redundant
+        want = math.floor(min(self.target + self.tolerance, 1.0) * self.num_groups)
+        order = torch.argsort(score.cpu(), descending=True, stable=True).numpy()
+        taken = np.zeros(self.num_groups, dtype=bool)
+        left = {g: int(n) for g, n in zip(*np.unique(self.owner, return_counts=True))}
+        for i in order:
+            if taken.sum() >= want:
+                break
+            if left[self.owner[i]] > 1:
+                taken[i] = True
+                left[self.owner[i]] -= 1
+        return torch.as_tensor(taken, device=score.device)
+
+    def _shrink(self, directions: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the factor s = α·λ_g/‖x_g‖ of the shrinking term, and the half-space ratio
+        ⟨x̂_g, x_g⟩/‖x_g‖² = (1 − s) − α⟨d_g, x_g⟩/‖x_g‖² of the trial point x̂ = (1 − s)·x − α·d."""
+        group = self.param_groups[0]
+        lr, lmbda = group["lr"], group["lmbda"]
+        kappa, c = group["lmbda_amplify"], group["hat_lmbda_coeff"]
+        xd, dd = self._dots(directions)
+        norms = self._norms()
+        lam = torch.full_like(norms, lmbda)
+        grows = (xd < 0) & (norms > 0)
+        lam_min = -xd / norms.clamp_min(1e-30)
+        lam_max = -dd * norms / xd.clamp_max(-1e-30)
+        adaptive = (kappa * lam_min).clamp(lmbda, c * lmbda)
+        adaptive = torch.where(adaptive >= lam_max, (lam_min + lam_max) / 2, adaptive)
+        lam = torch.where(grows, adaptive, lam)
+        redundant = self.state["dhspg"]["redundant"].to(norms.device) & (norms > 0)
+        shrink = torch.where(redundant, lr * lam / norms.clamp_min(1e-30), 0).clamp_max(1.0)
+        ratio = torch.where(redundant, (1 - shrink) - lr * xd / norms.square().clamp_min(1e-30), math.inf)
+        return shrink, ratio
+
+    def _project(self, ratio: torch.Tensor, st: dict) -> None:
+        """Half-space projection of redundant groups, never more than the target needs; at the
+        deadline, the smallest redundant groups still needed. Zeroed groups join ``st["zero"]``."""
+        zero = st["zero"] | self._zero()
+        need = math.ceil(self.target * self.num_groups - 1e-9) - int(zero.sum())
+        norms = self._norms()
+        if need > 0 and st["step"] > self.half_space_step:
+            eligible = ~zero & (ratio < self.param_groups[0]["epsilon"])
+            chosen = _smallest(torch.where(eligible, norms, math.inf), need)
+            zero |= chosen
+            need -= int(chosen.sum())
+        if need > 0 and st["step"] - self.partition_step >= self.pruning_steps:
+            alive = st["redundant"].to(zero.device) & ~zero
+            if int(alive.sum()) < need:  # the redundant set ran short: any channel but the last
+                alive = _may_zero(self.owner, zero, norms)
+            zero |= _smallest(torch.where(alive, norms, math.inf), need)
+        st["zero"] = zero
+        self._set_zero(zero)
+        if int(zero.sum()) >= math.ceil(self.target * self.num_groups - 1e-9):
+            st["done"] = True
+
+
+class OTO:
+    """OTOv2's workflow on ptsp's groups: ``oto = OTO(model, example_inputs)``, train with
+    ``optimizer = oto.dhspg(lr=..., target_group_sparsity=0.5)``, then ``slim = oto.compress()``."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.inputs = default_inputs(model) if example_inputs is None else example_inputs
+        self.groups = build_groups(model, self.inputs)
+        self.optimizer: DHSPG | None = None
+
+    def dhspg(self, **hyperparameters: Any) -> DHSPG:
+        """A :class:`DHSPG` over this model's groups (keywords as in DHSPG)."""
+        self.optimizer = DHSPG(self.model, self.inputs, groups=self.groups, **hyperparameters)
+        return self.optimizer
+
+    def compress(self) -> nn.Module:
+        """A physically smaller copy of the model without its zero groups, with a plan, computing
+        what the trained model computes. Zero groups are read from the parameters."""
+        if self.optimizer is None:
+            raise RuntimeError("call oto.dhspg(...) and train before compress()")
+        opt = self.optimizer
+        removed = np.zeros(self.groups.num_channels, dtype=bool)
+        removed[opt.zero_channels()] = True
+        q = opt.group_divisible
+        for g in self.groups:  # kept channels a multiple of q: keep some zero channels
+            gone = np.flatnonzero(removed[g.ids])
+            extra = (g.channels - len(gone)) % q
+            if extra and len(gone):
+                removed[g.ids[gone[:q - extra]]] = False
+        kept = kept_indices(self.groups, removed)
+        slim = apply(copy.deepcopy(self.model), kept).eval()
+        before = count(self.model, self.inputs)
+        settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        plan = {"method": "dhspg",
+                "dhspg": {**settings, "target_group_sparsity": opt.target,
+                          "tolerance_group_sparsity": opt.tolerance, "group_divisible": q,
+                          "steps": opt.state["dhspg"]["step"]},
+                **record(self.model, slim, self.groups, removed, kept, self.inputs, before),
+                "report": {"group_sparsity": opt.group_sparsity, "groups": opt.num_groups}}
+        setattr(slim, PLAN_ATTR, plan)
+        return slim
+
+
+def _check(name: str, value: Any, low: float, high: float, text: str, *, open_low: bool = False,
+           open_high: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be in {text}, got {value!r}")
+
+
+def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` smallest finite entries of ``values``."""
+    out = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    finite = torch.isfinite(values)
+    k = min(k, int(finite.sum()))
+    if k > 0:
+        out[torch.topk(values.masked_fill(~finite, math.inf), k, largest=False).indices] = True
+    return out
+
+
+def _may_zero(owner: np.ndarray, zero: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Channels that may still be zeroed: alive, and not the largest alive of their ptsp group
+    (every group keeps a channel)."""
+    z, n = zero.cpu().numpy(), norms.cpu().numpy()
+    ok = ~z
+    for g in np.unique(owner):
+        idx = np.flatnonzero((owner == g) & ~z)
+        if len(idx):
+            ok[idx[np.argmax(n[idx])]] = False
+    return torch.as_tensor(ok, device=zero.device)
+
+
+def _producer_slices(model: nn.Module, groups: Groups,
+                     channels: np.ndarray) -> dict[nn.Parameter, list[tuple[tuple[int, ...], torch.Tensor]]]:
+    """Per parameter, (dims, candidate-group index per position) of every producer slice."""
+    index = np.full(groups.num_channels + 1, len(channels), dtype=np.int64)
+    index[channels] = np.arange(len(channels))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted = set(channels.tolist())
+    out: dict[nn.Parameter, list] = {}
+    for g in groups:
+        if not wanted.intersection(g.ids.tolist()):
+            continue
+        for m in g.members:
+            if m.role == "in" or m.tensor not in params:
+                continue
+            p = params[m.tensor]
+            ids = torch.as_tensor(index[m.channel], device=p.device)
+            out.setdefault(p, []).append((tuple(m.dims), ids))
+    return out
+
+
+def _candidates(model: nn.Module, groups: Groups, inputs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(global channel ids of the candidate groups, their ptsp group index): channels of prunable
+    groups that do not cross a channel normalisation and are zero-invariant."""
+    usable = [g for g in groups if g.prunable and not g.norm_crossing and g.channels > 1]
+    bad = _not_invariant(model, groups, usable, inputs)
+    usable = [g for g in usable if g.index not in bad]
+    if not usable:
+        raise ValueError("the model has no zero-invariant prunable channel groups for DHSPG")
+    channels = np.concatenate([g.ids for g in usable])
+    owner = np.concatenate([np.full(g.channels, g.index) for g in usable])
+    return channels, owner
+
+
+def _not_invariant(model: nn.Module, groups: Groups, candidates: list, inputs: Any) -> set[int]:
+    """Indices of candidate groups whose channel, with all its producer parameters zero, still
+    reaches its consumers as a non-zero value. One channel per group is tested; subsets of groups
+    that fail are split in half until the culprits are found."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def invariant(subset: list) -> bool:
+        removed = np.zeros(groups.num_channels, dtype=bool)
+        for g in subset:
+            removed[g.ids[len(g.ids) // 2]] = True
+        test = copy.deepcopy(model).eval()
+        tensors = dict(test.named_parameters(remove_duplicate=False))
+        ext = np.append(removed, False)
+        with torch.no_grad():
+            for g in subset:
+                for m in g.members:
+                    if m.role != "in" and m.tensor in params and ext[m.channel].any():
+                        t = tensors[m.tensor]
+                        t.masked_fill_(broadcast_mask(torch.as_tensor(ext[m.channel], device=t.device), m.dims, t.dim()), 0)
+            y = test(*args)
+            y_ref = zero_removed_inputs(test, groups, removed)(*args)
+        scale = y_ref.abs().max().clamp_min(1e-12)
+        return bool(((y - y_ref).abs().max() / scale) <= INVARIANCE_TOL)
+
+    bad: set[int] = set()
+
+    def search(subset: list) -> None:
+        if not subset or invariant(subset):
+            return
+        if len(subset) == 1:
+            bad.add(subset[0].index)
+            return
+        half = len(subset) // 2
+        search(subset[:half])
+        search(subset[half:])
+
+    search(list(candidates))
+    return bad
