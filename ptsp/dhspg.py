@@ -308,9 +308,9 @@ class DHSPG(torch.optim.Optimizer):
     def _project(self, ratio: torch.Tensor, st: dict) -> None:
         """Half-space projection of redundant groups, never more than the target needs; at the
         deadline, the smallest redundant groups still needed. Zeroed groups join ``st["zero"]``."""
-        zero = st["zero"] | self._zero()
+        norms = self._norms()  # of the trial point
+        zero = st["zero"] | (norms == 0)
         need = math.ceil(self.target * self.num_groups - 1e-9) - int(zero.sum())
-        norms = self._norms()
         if need > 0 and st["step"] > self.half_space_step:
             eligible = ~zero & (ratio < self.param_groups[0]["epsilon"])
             chosen = _smallest(torch.where(eligible, norms, math.inf), need)

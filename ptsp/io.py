@@ -90,15 +90,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
     path = Path(path)
     meta = read_metadata(path)
     base, plan, aliases = (json.loads(meta[k]) for k in ("base", "plan", "aliases"))
-    if model is None:
-        model = _create_base(base, path)
-    elif not isinstance(model, nn.Module):
+    if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        apply(model, plan["kept"])
-    except (AttributeError, IndexError, RuntimeError) as exc:
-        raise ValueError(f"{path}: the saved plan does not fit this model ({type(exc).__name__}: "
-                         f"{exc})") from None
     try:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as exc:
@@ -106,11 +99,34 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
     if _digest(tensors) != meta["digest"]:
         raise ValueError(f"{path} is corrupted: its tensors do not match the digest written with them")
     tensors.update({alias: tensors[name] for alias, name in aliases.items()})
-    _check_shapes(path, model.state_dict(), tensors)
-    model.load_state_dict(tensors, strict=True)
+    # Fast path: a timm base built on the meta device (no init, no memory) receives the file's
+    # tensors as they are. Ties, and buffers the file does not hold, need a real base.
+    fast = model is None and not aliases
+    if model is None:
+        _check_base(base, path)
+        try:
+            with torch.device("meta"):
+                model = _create_base(base)
+        except Exception:  # module code that cannot run on meta tensors
+            model, fast = _create_base(base), False
+    _fit(model, plan["kept"], tensors, path, assign=fast)
+    if fast and any(t.is_meta for t in model.buffers()):  # non-persistent buffers
+        model = _create_base(base)
+        _fit(model, plan["kept"], tensors, path, assign=False)
     setattr(model, PLAN_ATTR, plan)
     setattr(model, BASE_ATTR, base)
     return model.to(device).eval()
+
+
+def _fit(model: nn.Module, kept: dict, tensors: dict[str, torch.Tensor], path: Path, assign: bool) -> None:
+    """Prune ``model`` to the plan's widths, then load ``tensors`` strictly."""
+    try:
+        apply(model, kept)
+    except (AttributeError, IndexError, RuntimeError) as exc:
+        raise ValueError(f"{path}: the saved plan does not fit this model ({type(exc).__name__}: "
+                         f"{exc})") from None
+    _check_shapes(path, model.state_dict(), tensors)
+    model.load_state_dict(tensors, strict=True, assign=assign)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -200,7 +216,7 @@ def _base_of(model: nn.Module, kept: dict, model_args: Mapping[str, Any] | None,
     base = {"timm": name, "args": args, "pretrained_cfg": _jsonable(cfg), "class": cls}
     try:
         with torch.device("meta"):
-            rebuilt = apply(_create_base(base, None), kept)
+            rebuilt = apply(_create_base(base), kept)
     except Exception as exc:
         raise ValueError(f"cannot recreate {name} with {args}: {type(exc).__name__}: {exc}; pass "
                          "the timm.create_model arguments as model_args") from None
@@ -240,7 +256,8 @@ def as_tuples(value: Any) -> Any:
     return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _create_base(base: dict, path: Path | None) -> nn.Module:
+def _check_base(base: dict, path: Path | None) -> None:
+    """One clear error when the file's base cannot be created here."""
     import timm
 
     name = base.get("timm")
@@ -249,9 +266,14 @@ def _create_base(base: dict, path: Path | None) -> nn.Module:
                          "pass model=<the unpruned architecture> to ptsp.load")
     if not timm.is_model(name):
         raise ValueError(f"{path}: base model {name!r} is unknown to timm {timm.__version__}")
+
+
+def _create_base(base: dict) -> nn.Module:
+    import timm
+
     cfg = {k: as_tuples(v) for k, v in (base.get("pretrained_cfg") or {}).items()}
     args = {k: as_tuples(v) for k, v in base.get("args", {}).items()}
-    return timm.create_model(name, pretrained=False, pretrained_cfg_overlay=cfg, **args)
+    return timm.create_model(base["timm"], pretrained=False, pretrained_cfg_overlay=cfg, **args)
 
 
 def _check_shapes(path: Path, expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:

@@ -76,6 +76,18 @@ def test_vit_with_custom_patches_round_trips(tmp_path):
     assert torch.equal(_outputs(loaded), _outputs(small))
 
 
+def test_non_persistent_buffers_are_rebuilt(tmp_path):
+    """levit keeps attention index buffers outside the state dict: the base is built for real."""
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", num_classes=10).eval()
+    x = torch.randn(2, 3, 224, 224)
+    small = ptsp.prune(model, None, 0.3, method="magnitude", example_inputs=x[:1])
+    loaded = ptsp.load(ptsp.save(small, tmp_path / "levit.safetensors"))
+    assert not any(t.is_meta for t in loaded.buffers())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+
+
 def test_creation_arguments_the_model_hides_are_asked_for(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet18", stem_type="deep", num_classes=10, in_chans=1).eval()
