@@ -236,9 +236,9 @@ def _timm_args(model: nn.Module) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if isinstance(getattr(model, "num_classes", None), int):
         args["num_classes"] = model.num_classes
-    stem = next((p for p in model.parameters() if p.dim() == 4), None)
-    if stem is not None:
-        args["in_chans"] = int(stem.shape[1])
+    stem = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if stem is not None:  # input channels are never pruned
+        args["in_chans"] = int(stem.in_channels)
     embed = getattr(model, "patch_embed", None)
     for key in ("img_size", "patch_size"):
         value = getattr(embed, key, None)
