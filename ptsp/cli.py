@@ -66,10 +66,11 @@ def _model(args: argparse.Namespace):
         except Exception as exc:
             raise CliError(f"cannot create {args.model!r}: {type(exc).__name__}: "
                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-    if getattr(args, "input_size", None):  # preprocessing and the example input follow it
-        chans = model.pretrained_cfg.get("input_size", (3, 224, 224))[0]
-        model.pretrained_cfg = {**model.pretrained_cfg,
-                                "input_size": (chans, args.input_size, args.input_size)}
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    chans, side = getattr(args, "in_chans", None), getattr(args, "input_size", None)
+    if chans or side:  # preprocessing and the example input follow them
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (
+            chans or size[0], side or size[1], side or size[2])}
     return model.to(args.device).eval()
 
 

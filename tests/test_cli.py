@@ -56,6 +56,23 @@ def test_demo_prunes_evaluates_saves_and_reloads(tmp_path, monkeypatch, capsys):
     assert any(int(w[2]) < int(w[3]) for w in widths)  # pruned layers show width < original
 
 
+def test_prune_a_checkpoint_file(tmp_path, capsys):
+    """A timm name plus a weights file (timm's checkpoint_path) with its own head and input."""
+    import timm
+
+    torch.manual_seed(1)
+    trained = timm.create_model("resnet18", num_classes=7, in_chans=1).eval()
+    torch.save(trained.state_dict(), tmp_path / "ckpt.pth")
+    out = tmp_path / "out.safetensors"
+    main(["prune", "--model", "resnet18", "--checkpoint", str(tmp_path / "ckpt.pth"), "--num-classes",
+          "7", "--in-chans", "1", "--input-size", "32", "--method", "magnitude", "--output", str(out)])
+    capsys.readouterr()
+    expected = ptsp.prune(trained, None, 0.5, method="magnitude", target="flops",
+                          example_inputs=torch.randn(1, 1, 32, 32))
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(ptsp.load(out)(x), expected(x))
+
+
 def test_eval_reports_top1(capsys):
     main(["eval", str(DEMO_MODEL), "--data", str(DEMO_DATA), "--num-samples", "200"])
     out = capsys.readouterr().out
