@@ -126,7 +126,7 @@ class DHSPG(torch.optim.Optimizer):
         self.fixed_zero_groups = fixed_zero_groups
         inputs = default_inputs(model) if example_inputs is None else example_inputs
         self.groups = groups if groups is not None else build_groups(model, inputs)
-        self.channels, self.owner = _candidates(model, self.groups, inputs)
+        self.channels, self.parts = _candidates(model, self.groups, inputs)
         self._slices = _producer_slices(model, self.groups, self.channels)
         self.state["dhspg"] = {"step": 0, "redundant": None, "zero": None, "done": False}
 
@@ -169,7 +169,7 @@ class DHSPG(torch.optim.Optimizer):
             st["redundant"] = self._partition(directions)
             st["zero"] = self._zero()
         active = st["redundant"] is not None and not st["done"]
-        shrink, ratio = self._shrink(directions) if active else (None, None)
+        shrink, ratio, trial = self._shrink(directions) if active else (None, None, None)
         for group in self.param_groups:
             for p in group["params"]:
                 if p in directions:
@@ -177,7 +177,7 @@ class DHSPG(torch.optim.Optimizer):
                         self._scale(p, 1 - shrink)
                     p.add_(directions[p], alpha=-group["lr"])
         if active:
-            self._project(ratio, st)
+            self._project(ratio, trial, st)
         if self.fixed_zero_groups and st.get("zero") is not None:
             self._set_zero(st["zero"])
         return loss
@@ -220,31 +220,42 @@ class DHSPG(torch.optim.Optimizer):
                 out[p] = m_hat / (v_hat.sqrt() + group["adam_eps"])
         return out
 
-    def _sums(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Per candidate group, the sum of ``fn(p)`` over its producer slices."""
+    def _sums(self, *fns: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
+        """Per candidate group, the sum of each ``fn(p)`` over its producer slices, in one pass
+        over the parameters: a ``[len(fns), |G|]`` tensor."""
         device = next(iter(self._slices)).device if self._slices else torch.device("cpu")
-        total = torch.zeros(self.num_groups + 1, dtype=torch.float64, device=device)
+        total = torch.zeros(len(fns), self.num_groups + 1, dtype=torch.float64, device=device)
         for p, slices in self._slices.items():
-            value = fn(p)
-            if value is None:
-                continue
+            values = [fn(p) for fn in fns]
             for dims, ids in slices:
                 other = tuple(d for d in range(p.dim()) if d not in dims)
-                per = value.sum(other) if other else value
-                total.index_add_(0, ids.to(total.device).reshape(-1), per.reshape(-1).double().to(total.device))
-        return total[:-1]
+                idx = ids.to(device).reshape(-1)
+                for k, value in enumerate(values):
+                    if value is not None:
+                        per = value.sum(other) if other else value
+                        total[k].index_add_(0, idx, per.reshape(-1).to(device, torch.float64))
+        return total[:, :-1]
 
     def _zero(self) -> torch.Tensor:
-        return self._sums(lambda p: p.detach().abs()) == 0
+        return self._sums(lambda p: p.detach().abs())[0] == 0
 
-    def _norms(self) -> torch.Tensor:
-        return self._sums(lambda p: p.detach().square()).sqrt()
-
-    def _dots(self, directions: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per group ⟨x_g, d_g⟩ and ‖d_g‖²."""
-        xd = self._sums(lambda p: p.detach() * directions[p] if p in directions else None)
-        dd = self._sums(lambda p: directions[p].square() if p in directions else None)
-        return xd, dd
+    def _stats(self, directions: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per group ‖x_g‖, ⟨x_g, d_g⟩ and ‖d_g‖², with fused per-slice reductions (this runs
+        every step while the penalty is active, so it must stay cheap next to a backward pass)."""
+        device = next(iter(self._slices)).device if self._slices else torch.device("cpu")
+        total = torch.zeros(3, self.num_groups + 1, dtype=torch.float64, device=device)
+        for p, slices in self._slices.items():
+            d = directions.get(p)
+            for dims, ids in slices:
+                x = _rows(p.detach(), dims)
+                idx = ids.to(device).reshape(-1)
+                total[0].index_add_(0, idx, torch.linalg.vector_norm(x, dim=1).square().double())
+                if d is not None:
+                    dr = _rows(d, dims)
+                    total[1].index_add_(0, idx, (x * dr).sum(1).double())
+                    total[2].index_add_(0, idx, torch.linalg.vector_norm(dr, dim=1).square().double())
+        xx, xd, dd = total[:, :-1]
+        return xx.sqrt(), xd, dd
 
     def _scale(self, p: torch.Tensor, factor: torch.Tensor) -> None:
         """Multiply each producer slice of ``p`` by its group's entry of ``factor``."""
@@ -265,34 +276,27 @@ class DHSPG(torch.optim.Optimizer):
 
     def _partition(self, directions: dict) -> torch.Tensor:
         """The redundant set: top ⌊(target+tolerance)·|G|⌋ by 0.5·cos(x, d) + 0.5/mean|x| (each
-        term divided by its largest magnitude), each ptsp group keeping at least one channel."""
-        xd, dd = self._dots(directions)
-        norms = self._norms()
+        term divided by its largest magnitude), never a whole ptsp group or producer."""
+        norms, xd, dd = self._stats(directions)
         cos = torch.where(norms * dd.sqrt() > 0, xd / (norms * dd.sqrt()).clamp_min(1e-30), 0)
-        mean_abs = self._sums(lambda p: p.detach().abs()) / self._sums(lambda p: torch.ones_like(p))
+        abs_sum, count = self._sums(lambda p: p.detach().abs(), torch.ones_like)
+        mean_abs = abs_sum / count
         inv = torch.where(mean_abs > 0, 1 / mean_abs.clamp_min(1e-30), 0)
         score = 0.5 * cos / cos.abs().max().clamp_min(1e-30) + 0.5 * inv / inv.abs().max().clamp_min(1e-30)
         score = torch.where(mean_abs > 0, score, torch.full_like(score, math.inf))  # zero: redundant
         want = math.floor(min(self.target + self.tolerance, 1.0) * self.num_groups)
         order = torch.argsort(score.cpu(), descending=True, stable=True).numpy()
-        taken = np.zeros(self.num_groups, dtype=bool)
-        left = {g: int(n) for g, n in zip(*np.unique(self.owner, return_counts=True))}
-        for i in order:
-            if taken.sum() >= want:
-                break
-            if left[self.owner[i]] > 1:
-                taken[i] = True
-                left[self.owner[i]] -= 1
+        taken = _pick(self.parts, order, np.zeros(self.num_groups, dtype=bool), want)
         return torch.as_tensor(taken, device=score.device)
 
-    def _shrink(self, directions: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shrink(self, directions: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per group, the factor s = α·λ_g/‖x_g‖ of the shrinking term, and the half-space ratio
-        ⟨x̂_g, x_g⟩/‖x_g‖² = (1 − s) − α⟨d_g, x_g⟩/‖x_g‖² of the trial point x̂ = (1 − s)·x − α·d."""
+        ⟨x̂_g, x_g⟩/‖x_g‖² = (1 − s) − α⟨d_g, x_g⟩/‖x_g‖² of the trial point x̂ = (1 − s)·x − α·d,
+        and ‖x̂_g‖."""
         group = self.param_groups[0]
         lr, lmbda = group["lr"], group["lmbda"]
         kappa, c = group["lmbda_amplify"], group["hat_lmbda_coeff"]
-        xd, dd = self._dots(directions)
-        norms = self._norms()
+        norms, xd, dd = self._stats(directions)
         lam = torch.full_like(norms, lmbda)
         grows = (xd < 0) & (norms > 0)
         lam_min = -xd / norms.clamp_min(1e-30)
@@ -303,13 +307,16 @@ class DHSPG(torch.optim.Optimizer):
         redundant = self.state["dhspg"]["redundant"].to(norms.device) & (norms > 0)
         shrink = torch.where(redundant, lr * lam / norms.clamp_min(1e-30), 0).clamp_max(1.0)
         ratio = torch.where(redundant, (1 - shrink) - lr * xd / norms.square().clamp_min(1e-30), math.inf)
-        return shrink, ratio
+        # ‖x̂‖ of the trial point, without another pass over the weights
+        trial = ((1 - shrink).square() * norms.square() - 2 * lr * (1 - shrink) * xd
+                 + lr * lr * dd).clamp_min(0).sqrt()
+        return shrink, ratio, trial
 
-    def _project(self, ratio: torch.Tensor, st: dict) -> None:
+    def _project(self, ratio: torch.Tensor, norms: torch.Tensor, st: dict) -> None:
         """Half-space projection of redundant groups, never more than the target needs; at the
-        deadline, the smallest redundant groups still needed. Zeroed groups join ``st["zero"]``."""
-        norms = self._norms()  # of the trial point
-        zero = st["zero"] | (norms == 0)
+        deadline, the smallest redundant groups still needed (``norms``: of the trial point).
+        Zeroed groups join ``st["zero"]``."""
+        zero = st["zero"]
         need = math.ceil(self.target * self.num_groups - 1e-9) - int(zero.sum())
         if need > 0 and st["step"] > self.half_space_step:
             eligible = ~zero & (ratio < self.param_groups[0]["epsilon"])
@@ -318,9 +325,12 @@ class DHSPG(torch.optim.Optimizer):
             need -= int(chosen.sum())
         if need > 0 and st["step"] - self.partition_step >= self.pruning_steps:
             alive = st["redundant"].to(zero.device) & ~zero
-            if int(alive.sum()) < need:  # the redundant set ran short: any channel but the last
-                alive = _may_zero(self.owner, zero, norms)
-            zero |= _smallest(torch.where(alive, norms, math.inf), need)
+            if int(alive.sum()) >= need:
+                zero |= _smallest(torch.where(alive, norms, math.inf), need)
+            else:  # the redundant set ran short: the smallest of the rest that leave survivors
+                order = torch.argsort(norms.cpu(), stable=True).numpy()
+                zero = torch.as_tensor(_pick(self.parts, order, zero.cpu().numpy(), need),
+                                       device=zero.device)
         st["zero"] = zero
         self._set_zero(zero)
         if int(zero.sum()) >= math.ceil(self.target * self.num_groups - 1e-9):
@@ -390,16 +400,33 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def _may_zero(owner: np.ndarray, zero: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """Channels that may still be zeroed: alive, and not the largest alive of their ptsp group
-    (every group keeps a channel)."""
-    z, n = zero.cpu().numpy(), norms.cpu().numpy()
-    ok = ~z
-    for g in np.unique(owner):
-        idx = np.flatnonzero((owner == g) & ~z)
-        if len(idx):
-            ok[idx[np.argmax(n[idx])]] = False
-    return torch.as_tensor(ok, device=zero.device)
+def _rows(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``t`` as a matrix with one row per position along ``dims`` (a view when dims lead)."""
+    lead = tuple(range(len(dims)))
+    if dims != lead:
+        t = t.movedim(dims, lead)
+    n = math.prod(t.shape[:len(dims)])
+    return t.reshape(n, -1)
+
+
+def _pick(parts: list[np.ndarray], order: np.ndarray, taken: np.ndarray, k: int) -> np.ndarray:
+    """``taken`` plus up to ``k`` more entries of ``order``, in order, skipping any that would
+    leave a part (a set of candidate groups) with none outside the result."""
+    taken = taken.copy()
+    left = np.array([len(p) - int(taken[p].sum()) for p in parts])
+    parts_of: dict[int, list[int]] = {}
+    for j, p in enumerate(parts):
+        for i in p.tolist():
+            parts_of.setdefault(i, []).append(j)
+    for i in order.tolist():
+        if k <= 0:
+            break
+        if taken[i] or any(left[j] <= 1 for j in parts_of.get(i, ())):
+            continue
+        taken[i] = True
+        left[parts_of.get(i, [])] -= 1
+        k -= 1
+    return taken
 
 
 def _producer_slices(model: nn.Module, groups: Groups,
@@ -422,17 +449,24 @@ def _producer_slices(model: nn.Module, groups: Groups,
     return out
 
 
-def _candidates(model: nn.Module, groups: Groups, inputs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(global channel ids of the candidate groups, their ptsp group index): channels of prunable
-    groups that do not cross a channel normalisation and are zero-invariant."""
+def _candidates(model: nn.Module, groups: Groups, inputs: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(global channel ids of the candidate groups, the parts): candidates are the channels of
+    prunable groups that do not cross a channel normalisation and are zero-invariant; a part is a
+    set of candidates of which one must survive: a whole ptsp group, or the channels one member
+    indexes when it indexes only some (one producer of a concat must keep an output channel)."""
     usable = [g for g in groups if g.prunable and not g.norm_crossing and g.channels > 1]
     bad = _not_invariant(model, groups, usable, inputs)
     usable = [g for g in usable if g.index not in bad]
     if not usable:
         raise ValueError("the model has no zero-invariant prunable channel groups for DHSPG")
     channels = np.concatenate([g.ids for g in usable])
-    owner = np.concatenate([np.full(g.channels, g.index) for g in usable])
-    return channels, owner
+    index = {int(c): i for i, c in enumerate(channels.tolist())}
+    parts = []
+    for g in usable:
+        sets = {tuple(g.ids.tolist())} | {tuple(np.unique(m.channel[m.channel >= 0]).tolist())
+                                           for m in g.members}
+        parts += [np.array([index[c] for c in s]) for s in sets if s]
+    return channels, parts
 
 
 def _not_invariant(model: nn.Module, groups: Groups, candidates: list, inputs: Any) -> set[int]:

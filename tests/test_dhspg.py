@@ -17,7 +17,7 @@ from torch import nn
 
 import ptsp
 
-from nets import SmallCNN
+from nets import Concat, SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
 G = torch.Generator().manual_seed(0)
@@ -123,6 +123,20 @@ def test_zero_groups_are_read_from_parameters_not_bn_statistics():
     model.eval()
     assert slim.features[1][0].out_channels == conv.out_channels - 5
     assert _rel(model(X), slim(X)) <= 1e-5
+
+
+def test_every_producer_of_a_concat_keeps_a_channel():
+    torch.manual_seed(0)
+    model, x = Concat(), torch.randn(4, 3, 16, 16)
+    oto = ptsp.OTO(model, x[:1])
+    opt = oto.dhspg(lr=0.1, target_group_sparsity=0.9, tolerance_group_sparsity=0.1,
+                    start_pruning_steps=1, pruning_steps=1)
+    _train(model, opt, 4, x, torch.randint(0, 5, (4,)))
+    assert opt.target_reached
+    slim = oto.compress()
+    assert all(m.out_channels >= 1 for m in slim.modules() if isinstance(m, nn.Conv2d))
+    model.eval()
+    assert _rel(model(x), slim(x)) <= 1e-5
 
 
 class Gate(nn.Module):
