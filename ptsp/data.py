@@ -137,6 +137,11 @@ def _as_dataset(source: Any, split: str) -> Any:
             raise ValueError(f"image source {path!r} is a file; pass a folder of images, "
                              "a datasets dataset or a tensor")
         try:  # a local folder: datasets infers images (imagefolder) or parquet, and the splits
+            if os.path.isdir(path):
+                found = datasets.load_dataset(path)
+                if split not in found and len(found) == 1:  # one split: whatever it is named
+                    return next(iter(found.values()))
+                return found[split]
             return datasets.load_dataset(path, split=split)
         except Exception as exc:
             what = "folder" if os.path.isdir(path) else "datasets name"

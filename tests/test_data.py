@@ -88,8 +88,18 @@ def test_evaluation_loader_keeps_labels_in_order(tmp_path, grey_model):
     assert batches[0][0].shape == (4, 1, 32, 32)
     sample = list(ptsp.data.evaluation_loader(tmp_path, grey_model, num_samples=6, seed=1))
     assert len(sample[0][1]) == 6
-    with pytest.raises(ValueError, match="no split 'train'|cannot read split 'train'"):
-        ptsp.data.evaluation_loader(tmp_path, grey_model, split="train")
+    ptsp.data.save_calibration_set(_labelled(10), tmp_path, 10, split="train")
+    with pytest.raises(ValueError, match="cannot read split 'validation'"):
+        ptsp.data.evaluation_loader(tmp_path, grey_model, split="validation")
+
+
+def test_a_folder_with_one_split_serves_any_split(tmp_path, grey_model):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i, image in enumerate(_pil(3)):
+            image.save(tmp_path / label / f"{i}.png")
+    labels = torch.cat([y for _, y in ptsp.data.evaluation_loader(tmp_path, grey_model)])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(ValueError, match="labelled items"):
         next(iter(ptsp.data.evaluation_loader(_pil(4), grey_model)))
 
