@@ -96,9 +96,10 @@ def write_report(rows: list[dict]) -> str:
     summary = (f"{len(passed)}/{len(rows)} models round-trip with bit-identical outputs; "
                f"median ptsp.load {median:.2f} s (1 thread).")
     lines = ["# Round trip: prune, save, load in a fresh process", "",
-             "Regenerate: `python recipes/roundtrip.py` (resumable). Models: those passing "
-             "`coverage.md`, created the same way, pruned data-free at 50% of prunable channels.", "",
-             summary, ""]
+             "Regenerate: `python recipes/roundtrip.py [--models NAMES]` (resumable). Models: the "
+             "ones named (the README's run names the public list, `tests/test_groups.py::TIMM_MODELS`), "
+             "by default every model passing `coverage.md`; created as in coverage, pruned "
+             "data-free at 50% of prunable channels.", "", summary, ""]
     bad = [r for r in rows if r["status"] != "pass"]
     if bad:
         lines += ["## Failures", "", "| model | status | reason |", "|---|---|---|"]
