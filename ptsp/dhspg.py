@@ -178,7 +178,7 @@ class DHSPG(torch.optim.Optimizer):
                     p.add_(directions[p], alpha=-group["lr"])
         if active:
             self._project(ratio, trial, st)
-        if self.fixed_zero_groups and st.get("zero") is not None:
+        if self.fixed_zero_groups and st["zero"] is not None:
             self._set_zero(st["zero"])
         return loss
 
@@ -220,41 +220,34 @@ class DHSPG(torch.optim.Optimizer):
                 out[p] = m_hat / (v_hat.sqrt() + group["adam_eps"])
         return out
 
-    def _sums(self, *fns: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor:
-        """Per candidate group, the sum of each ``fn(p)`` over its producer slices, in one pass
-        over the parameters: a ``[len(fns), |G|]`` tensor."""
+    def _sums(self, *fns: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None],
+              directions: dict | None = None) -> torch.Tensor:
+        """Per candidate group, the sum over its producer slices of each ``fn(x, d)``, where ``x``
+        and ``d`` (the direction, if given) are a slice's rows and ``fn`` gives one value per
+        row; one pass over the parameters, a ``[len(fns), |G|]`` tensor."""
         device = next(iter(self._slices)).device if self._slices else torch.device("cpu")
         total = torch.zeros(len(fns), self.num_groups + 1, dtype=torch.float64, device=device)
         for p, slices in self._slices.items():
-            values = [fn(p) for fn in fns]
+            d = directions.get(p) if directions else None
             for dims, ids in slices:
-                other = tuple(d for d in range(p.dim()) if d not in dims)
+                x, dr = _rows(p.detach(), dims), (None if d is None else _rows(d, dims))
                 idx = ids.to(device).reshape(-1)
-                for k, value in enumerate(values):
+                for k, fn in enumerate(fns):
+                    value = fn(x, dr)
                     if value is not None:
-                        per = value.sum(other) if other else value
-                        total[k].index_add_(0, idx, per.reshape(-1).to(device, torch.float64))
+                        total[k].index_add_(0, idx, value.to(device, torch.float64))
         return total[:, :-1]
 
     def _zero(self) -> torch.Tensor:
-        return self._sums(lambda p: p.detach().abs())[0] == 0
+        return self._sums(lambda x, d: x.abs().sum(1))[0] == 0
 
     def _stats(self, directions: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per group ‖x_g‖, ⟨x_g, d_g⟩ and ‖d_g‖², with fused per-slice reductions (this runs
-        every step while the penalty is active, so it must stay cheap next to a backward pass)."""
-        device = next(iter(self._slices)).device if self._slices else torch.device("cpu")
-        total = torch.zeros(3, self.num_groups + 1, dtype=torch.float64, device=device)
-        for p, slices in self._slices.items():
-            d = directions.get(p)
-            for dims, ids in slices:
-                x = _rows(p.detach(), dims)
-                idx = ids.to(device).reshape(-1)
-                total[0].index_add_(0, idx, torch.linalg.vector_norm(x, dim=1).square().double())
-                if d is not None:
-                    dr = _rows(d, dims)
-                    total[1].index_add_(0, idx, (x * dr).sum(1).double())
-                    total[2].index_add_(0, idx, torch.linalg.vector_norm(dr, dim=1).square().double())
-        xx, xd, dd = total[:, :-1]
+        """Per group ‖x_g‖, ⟨x_g, d_g⟩ and ‖d_g‖² (fused reductions: this runs every step while
+        the penalty is active, so it must stay cheap next to a backward pass)."""
+        xx, xd, dd = self._sums(lambda x, d: torch.linalg.vector_norm(x, dim=1).square(),
+                                lambda x, d: None if d is None else (x * d).sum(1),
+                                lambda x, d: None if d is None else torch.linalg.vector_norm(d, dim=1).square(),
+                                directions=directions)
         return xx.sqrt(), xd, dd
 
     def _scale(self, p: torch.Tensor, factor: torch.Tensor) -> None:
@@ -279,7 +272,7 @@ class DHSPG(torch.optim.Optimizer):
         term divided by its largest magnitude), never a whole ptsp group or producer."""
         norms, xd, dd = self._stats(directions)
         cos = torch.where(norms * dd.sqrt() > 0, xd / (norms * dd.sqrt()).clamp_min(1e-30), 0)
-        abs_sum, count = self._sums(lambda p: p.detach().abs(), torch.ones_like)
+        abs_sum, count = self._sums(lambda x, d: x.abs().sum(1), lambda x, d: x.new_full((len(x),), x.shape[1]))
         mean_abs = abs_sum / count
         inv = torch.where(mean_abs > 0, 1 / mean_abs.clamp_min(1e-30), 0)
         score = 0.5 * cos / cos.abs().max().clamp_min(1e-30) + 0.5 * inv / inv.abs().max().clamp_min(1e-30)
