@@ -11,7 +11,6 @@ training images and is evaluated on the 10k test images. Rows are appended to
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 import fashion_mnist
 import reference
+import table
 
 import ptsp
 
@@ -40,13 +40,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _rows() -> list[dict]:
-    if not CSV.exists():
-        return []
-    with CSV.open() as f:
-        return list(csv.DictReader(f))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet18"], choices=list(reference.MODELS))
@@ -54,9 +47,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     torch.manual_seed(0)
-    done = {(r["model"], r["level"], r["variant"]) for r in _rows()}
+    done = {(r["model"], r["level"], r["variant"]) for r in table.rows(CSV)}
     RESULTS.mkdir(exist_ok=True)
-    new = not CSV.exists()
     test_images, test_labels = fashion_mnist.load("test")
     train_images = fashion_mnist.load("train")[0]
     for name in args.models:
@@ -76,17 +68,12 @@ def main() -> None:
                    "top1": f"{reference.evaluate(pruned, test_x, test_labels):.2f}",
                    "dense_top1": f"{dense:.2f}", "seconds": f"{time.perf_counter() - t0:.0f}"}
             print(row, flush=True)
-            with CSV.open("a", newline="") as f:
-                writer = csv.DictWriter(f, FIELDS)
-                if new:
-                    writer.writeheader()
-                    new = False
-                writer.writerow(row)
+            table.append(CSV, FIELDS, row)
     write_report()
 
 
 def write_report() -> None:
-    rows = _rows()
+    rows = table.rows(CSV)
     lines = ["# psp ablation (Fashion-MNIST reference models)", "",
              "Regenerate: `python recipes/ablation.py` (CPU). Top-1 (%) on the 10k test images after "
              "psp pruning with one `ptsp.Reconstruction` field changed from the defaults; same 512 "

@@ -11,7 +11,6 @@ the markdown table and the accuracy-vs-FLOPs plot are rewritten from the CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 import fashion_mnist
 import reference
+import table
 
 import ptsp
 
@@ -32,17 +32,9 @@ METHODS = ("magnitude", "bn", "layerwise", "global", "psp")
 COMMAND = "python recipes/reference.py && python recipes/accuracy.py"
 
 
-def _rows() -> list[dict]:
-    if not CSV.exists():
-        return []
-    with CSV.open() as f:
-        return list(csv.DictReader(f))
-
-
 def run(models: list[str], levels: list[float], methods: list[str], samples: int) -> None:
-    done = {(r["model"], r["method"], r["level"]) for r in _rows()}
+    done = {(r["model"], r["method"], r["level"]) for r in table.rows(CSV)}
     RESULTS.mkdir(exist_ok=True)
-    new = not CSV.exists()
     test_images, test_labels = fashion_mnist.load("test")
     train_images = fashion_mnist.load("train")[0]
     for name in models:
@@ -69,17 +61,12 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
                        "flops_dense": plan["flops"]["before"], "params": plan["params"]["after"],
                        "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}"}
                 print(row, flush=True)
-                with CSV.open("a", newline="") as f:
-                    writer = csv.DictWriter(f, FIELDS)
-                    if new:
-                        writer.writeheader()
-                        new = False
-                    writer.writerow(row)
+                table.append(CSV, FIELDS, row)
         write_report()
 
 
 def write_report() -> None:
-    rows = _rows()
+    rows = table.rows(CSV)
     if not rows:
         return
     models = list(dict.fromkeys(r["model"] for r in rows))

@@ -17,7 +17,6 @@ and appends a row to ``recipes/results/dhspg.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -31,6 +30,7 @@ from accelerate.utils import set_seed
 
 import fashion_mnist
 import reference
+import table
 
 import ptsp
 from ptsp.counting import count
@@ -143,21 +143,14 @@ def main() -> None:
     if args.summary:
         args.summary.write_text(json.dumps({**row, "checksums": sums, "sparsities": sparsities}))
     else:
-        RESULTS.mkdir(exist_ok=True)
         path = RESULTS / "dhspg.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        table.append(path, FIELDS, row)
         write_report(path)
 
 
 def write_report(path: Path) -> None:
     """``dhspg.md`` from the CSV: every run, dense baselines next to DHSPG."""
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = table.rows(path)
     lines = ["# DHSPG from scratch on Fashion-MNIST (reference models)", "",
              "Regenerate a row: `python recipes/dhspg.py --model M --epochs E [--dense]` (or under "
              "`accelerate launch`). SGD, momentum 0.9, lr 0.1, cosine schedule, weight decay 1e-4, "

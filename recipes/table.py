@@ -1,0 +1,24 @@
+"""Results tables of the recipes: CSV files that grow a row at a time, so runs resume."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def rows(path: Path) -> list[dict]:
+    """Every row of ``path`` (none if it does not exist yet)."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def append(path: Path, fields: list[str], row: dict) -> None:
+    """Add ``row`` to ``path``, writing the header first when the file is new."""
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in fields})
