@@ -106,12 +106,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
         _check_base(base, path)
         try:
             with torch.device("meta"):
-                model = _create_base(base)
+                model = create_base(base)
         except Exception:  # module code that cannot run on meta tensors
-            model, fast = _create_base(base), False
+            model, fast = create_base(base), False
     _fit(model, plan["kept"], tensors, path, assign=fast)
     if fast and any(t.is_meta for t in model.buffers()):  # non-persistent buffers
-        model = _create_base(base)
+        model = create_base(base)
         _fit(model, plan["kept"], tensors, path, assign=False)
     setattr(model, PLAN_ATTR, plan)
     setattr(model, BASE_ATTR, base)
@@ -216,7 +216,7 @@ def _base_of(model: nn.Module, kept: dict, model_args: Mapping[str, Any] | None,
     base = {"timm": name, "args": args, "pretrained_cfg": _jsonable(cfg), "class": cls}
     try:
         with torch.device("meta"):
-            rebuilt = apply(_create_base(base), kept)
+            rebuilt = apply(create_base(base), kept)
     except Exception as exc:
         raise ValueError(f"cannot recreate {name} with {args}: {type(exc).__name__}: {exc}; pass "
                          "the timm.create_model arguments as model_args") from None
@@ -268,7 +268,8 @@ def _check_base(base: dict, path: Path | None) -> None:
         raise ValueError(f"{path}: base model {name!r} is unknown to timm {timm.__version__}")
 
 
-def _create_base(base: dict) -> nn.Module:
+def create_base(base: dict) -> nn.Module:
+    """The unpruned timm model an artifact's ``base`` metadata describes, randomly initialised."""
     import timm
 
     cfg = {k: as_tuples(v) for k, v in (base.get("pretrained_cfg") or {}).items()}

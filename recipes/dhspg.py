@@ -17,20 +17,15 @@ and appends a row to ``recipes/results/dhspg.csv``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-import fashion_mnist
 import reference
 import table
+import training
 
 import ptsp
 from ptsp.counting import count
@@ -39,14 +34,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "mode", "variant", "target", "group_sparsity", "epochs", "steps", "top1",
           "top1_compressed", "params", "params_compressed", "flops", "flops_compressed",
           "max_rel_diff", "processes", "seconds"]
-
-
-def checksum(model: torch.nn.Module) -> str:
-    """Digest of the parameters (BatchNorm running statistics are per rank by design)."""
-    h = hashlib.sha256()
-    for t in model.parameters():
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
 
 
 def main() -> None:
@@ -64,22 +51,18 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="plain optimiser, same schedule (baseline)")
     ap.add_argument("--sample", action="store_true", help="the committed sample instead of the full data")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--state", type=Path, help="checkpoint folder: saved every epoch, resumed from")
     ap.add_argument("--out", type=Path, help="artifact path (default recipes/results/dhspg-<model>.safetensors)")
     ap.add_argument("--summary", type=Path, help="also write the run's summary (JSON) here")
     args = ap.parse_args()
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo processes on a CPU machine
+    accelerator = training.accelerator()
     set_seed(args.seed)
-    images, labels = fashion_mnist.load("train", sample=args.sample)
-    mean, std = images.float().div(255).mean().item(), images.float().div(255).std().item()
-    x = fashion_mnist.prepare(images, reference.SIZE, mean, std)
-    test_images, test_labels = fashion_mnist.load("test", sample=args.sample)
-    test_x = fashion_mnist.prepare(test_images, reference.SIZE, mean, std)
-    model = reference.create(args.model, mean, std)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels),
-                                         batch_size=args.batch, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
-    steps = args.steps or math.ceil(args.epochs * len(loader) / accelerator.num_processes)
+    data = training.fashion_mnist_data(args.sample)
+    test_x, test_labels = data.test.tensors
+    model = reference.create(args.model, data.mean, data.std)
+    loader = training.loader(data.train, args.batch, args.seed)
+    steps = args.steps or training.steps_for(args.epochs, len(loader), accelerator)
     momentum = 0.9 if args.variant == "sgd" else None
     oto = None
     if args.dense:
@@ -87,32 +70,17 @@ def main() -> None:
                      if args.variant == "sgd" else torch.optim.AdamW(model.parameters(), args.lr,
                                                                      weight_decay=args.weight_decay))
     else:
-        oto = ptsp.OTO(model, x[:1])
+        oto = ptsp.OTO(model, test_x[:1])
         start = max(1, int(args.start * steps))
         optimizer = oto.dhspg(lr=args.lr, variant=args.variant, target_group_sparsity=args.target,
                               epsilon=args.epsilon, start_pruning_steps=start,
                               first_momentum=momentum, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
-    t0 = time.perf_counter()
-    step = 0
-    while step < steps:
-        model.train()
-        for xb, yb in loader:
-            loss = F.cross_entropy(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step % max(1, steps // 20) == 0 or step == steps:
-                sparsity = "" if oto is None else f", group sparsity {oto.optimizer.group_sparsity:.3f}"
-                accelerator.print(f"step {step}/{steps}: loss {loss.item():.3f}{sparsity}", flush=True)
-            if step >= steps:
-                break
-    seconds = time.perf_counter() - t0
+    describe = None if oto is None else (lambda: f"group sparsity {oto.optimizer.group_sparsity:.3f}")
+    seconds = training.fit(accelerator, model, optimizer, loader, steps=steps, schedule=schedule,
+                           seed=args.seed, state=args.state, describe=describe)["seconds"]
     full = accelerator.unwrap_model(model).eval()
-    sums = accelerator.gather_for_metrics([checksum(full)], use_gather_object=True)
+    sums = accelerator.gather_for_metrics([training.checksum(full)], use_gather_object=True)
     sparsities = accelerator.gather_for_metrics(
         [oto.optimizer.group_sparsity if oto else 0.0], use_gather_object=True)
     if not accelerator.is_main_process:
@@ -122,7 +90,7 @@ def main() -> None:
     full = full.cpu()
     row = {"model": args.model, "mode": "dense" if args.dense else "dhspg", "variant": args.variant,
            "target": "" if args.dense else args.target,
-           "epochs": round(steps * args.batch * accelerator.num_processes / len(x), 2),
+           "epochs": round(steps * args.batch * accelerator.num_processes / len(data.train), 2),
            "steps": steps, "top1": f"{reference.evaluate(full, test_x, test_labels):.2f}",
            "processes": accelerator.num_processes, "seconds": round(seconds)}
     params, flops = count(full, test_x[:1])

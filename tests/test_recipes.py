@@ -1,0 +1,131 @@
+"""The training recipes: the shared loop resumes exactly, and every recipe runs unchanged under
+``accelerate launch`` with two CPU processes (ranks agree, artifacts reload)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import ptsp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+import training  # noqa: E402
+
+
+def _fit(state: Path | None, crash_at: int | None = None) -> nn.Module:
+    """7 steps over 3 batches per epoch; optionally crash (as a killed run would) at a step."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 3, (96,), generator=g))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if crash_at is not None:
+        real, calls = optimizer.step, []
+
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        optimizer.step = step
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 7)
+    training.fit(training.accelerator(), model, optimizer, training.loader(data, 32, seed=0),
+                 steps=7, schedule=schedule, augment=training.augment, state=state)
+    return model
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    reference = _fit(None)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, crash_at=5)  # the last save was at the end of epoch 1 (step 3)
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 3
+    resumed = _fit(tmp_path)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _launch(tmp_path: Path, script: str, *args: str) -> dict:
+    """Run a recipe with 2 CPU processes; its JSON summary."""
+    summary = tmp_path / f"{Path(script).stem}.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "recipes" / script), *args, "--summary", str(summary)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(summary.read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("train")
+    out = tmp / "dense.safetensors"
+    result = _launch(tmp, "train.py", "--model", "resnet10t", "--sample", "--steps", "8",
+                     "--batch", "16", "--out", str(out))
+    return out, result
+
+
+def test_train_with_two_processes(trained):
+    out, result = trained
+    assert result["processes"] == 2 and len(set(result["checksums"])) == 1
+    assert result["steps"] == 8
+    dense = ptsp.load(out)
+    assert sum(p.numel() for p in dense.parameters()) == result["params"]
+
+
+@pytest.fixture(scope="module")
+def pruned(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pruned") / "pruned.safetensors"
+    model = ptsp.load(trained[0])
+    return ptsp.save(ptsp.prune(model, None, 0.5, method="magnitude", target="flops"), out)
+
+
+def test_finetune_with_two_processes(pruned, tmp_path):
+    out = tmp_path / "finetuned.safetensors"
+    result = _launch(tmp_path, "finetune.py", str(pruned), "--sample", "--steps", "6", "--batch", "16",
+                     "--out", str(out))
+    assert result["processes"] == 2 and len(set(result["checksums"])) == 1
+    tuned, before = ptsp.load(out), ptsp.load(pruned)
+    assert ptsp.plan_of(tuned)["kept"] == ptsp.plan_of(before)["kept"]
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), before.parameters()))
+
+
+def test_scratch_b_with_two_processes(pruned, tmp_path):
+    out = tmp_path / "scratch.safetensors"
+    result = _launch(tmp_path, "scratch.py", str(pruned), "--budget", "--sample", "--steps", "4",
+                     "--batch", "16", "--out", str(out))
+    flops = ptsp.plan_of(ptsp.load(pruned))["flops"]
+    assert result["mode"] == "Scratch-B" and len(set(result["checksums"])) == 1
+    assert result["steps"] == round(4 * flops["before"] / flops["after"])  # the same compute budget
+    assert result["flops"] == flops["after"]
+
+
+def test_scratch_starts_from_a_random_init(pruned):
+    import scratch
+
+    model = ptsp.load(pruned)
+    trained_weights = [p.clone() for p in model.parameters()]
+    scratch.reinitialise(model, seed=0)
+    conv = [(a, b) for a, b in zip(trained_weights, model.parameters()) if a.dim() == 4]
+    assert all(a.shape == b.shape and not torch.equal(a, b) for a, b in conv)
+
+
+def test_dhspg_with_two_processes(tmp_path):
+    """Same parameters and sparsity on both ranks, compressed outputs equal to the full model's, a
+    loadable artifact."""
+    out = tmp_path / "slim.safetensors"
+    result = _launch(tmp_path, "dhspg.py", "--model", "resnet10t", "--sample", "--steps", "12",
+                     "--batch", "16", "--out", str(out))
+    assert result["processes"] == 2 and len(set(result["checksums"])) == 1
+    assert abs(float(result["group_sparsity"]) - 0.5) <= 0.01
+    assert float(result["max_rel_diff"]) <= 1e-5
+    assert isinstance(ptsp.load(out), nn.Module)
+    assert len(result["sparsities"]) == 2 and len(set(result["sparsities"])) == 1
