@@ -3,7 +3,6 @@ outputs and training resumes identically (the 2-process recipe run is in test_re
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import timm

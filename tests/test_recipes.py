@@ -20,22 +20,26 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import training  # noqa: E402
 
 
+class _Crashing(torch.optim.SGD):
+    """SGD that raises at step ``crash_at`` (1-based), as a killed run would stop."""
+    crash_at: int | None = None
+    calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt
+        return super().step(closure)
+
+
 def _fit(state: Path | None, crash_at: int | None = None) -> nn.Module:
     """7 steps over 3 batches per epoch; optionally crash (as a killed run would) at a step."""
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 3, (96,), generator=g))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    if crash_at is not None:
-        real, calls = optimizer.step, []
-
-        def step(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == crash_at:
-                raise KeyboardInterrupt
-            return real(*args, **kwargs)
-        optimizer.step = step
+    optimizer = _Crashing(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.crash_at = crash_at
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 7)
     training.fit(training.accelerator(), model, optimizer, training.loader(data, 32, seed=0),
                  steps=7, schedule=schedule, augment=training.augment, state=state)
