@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     data = training.data_for(args.data, model, args.sample)
     before = training.evaluate(model, data)
     stats = training.train(acc, model, data, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                           seed=args.seed, steps=args.steps, state=args.state)
+                           seed=args.seed, steps=args.steps, state=args.state,
+                           save_every=args.save_every)
     out = args.out or args.artifact.with_name(f"{args.artifact.stem}-finetuned.safetensors")
     return training.finish(acc, model, data, stats, out, args.summary, top1_before=round(before, 2))
 

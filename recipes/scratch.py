@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     data = training.data_for(args.data, model, args.sample)
     steps = args.steps and round(args.steps * scale)
     stats = training.train(acc, model, data, epochs=args.epochs * scale, batch=args.batch, lr=args.lr,
-                           seed=args.seed, steps=steps, state=args.state)
+                           seed=args.seed, steps=steps, state=args.state,
+                           save_every=args.save_every)
     mode = "B" if args.budget else "E"
     out = args.out or args.artifact.with_name(f"{args.artifact.stem}-scratch{mode.lower()}.safetensors")
     return training.finish(acc, model, data, stats, out, args.summary, mode=f"Scratch-{mode}")

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                                   num_classes=training.num_classes(args.data))
         data = training.datasets_data(args.data, model)
     stats = training.train(acc, model, data, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                           seed=args.seed, steps=args.steps, state=args.state)
+                           seed=args.seed, steps=args.steps, state=args.state,
+                           save_every=args.save_every)
     return training.finish(acc, model, data, stats, args.out or Path(f"{args.model}.safetensors"),
                            args.summary, reference.MODELS.get(args.model) or None, arch=args.model)
 

@@ -133,12 +133,14 @@ class _Progress:
 def fit(acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: DataLoader,
         *, steps: int, schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
         augment: Callable | None = None, label_smoothing: float = 0.0, seed: int = 0,
-        state: Path | None = None, describe: Callable[[], str] | None = None) -> dict:
+        state: Path | None = None, save_every: int | None = None,
+        describe: Callable[[], str] | None = None) -> dict:
     """Train ``model`` for ``steps`` optimiser steps per process; returns seconds and final loss.
 
     ``schedule`` is stepped once per step (its length is the per-process step count, so it does
     not depend on the number of processes). ``model`` is moved to the accelerator's device in
-    place. ``describe`` adds text to the log lines (for example DHSPG's group sparsity).
+    place. With ``state``, the run is saved there after every epoch, every ``save_every`` steps
+    and at the end. ``describe`` adds text to the log lines (for example DHSPG's group sparsity).
     """
     progress = _Progress()
     model, optimizer, data = acc.prepare(model, optimizer, data)
@@ -169,6 +171,8 @@ def fit(acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             if progress.step % log_every == 0 or progress.step == steps:
                 extra = f", {describe()}" if describe else ""
                 acc.print(f"step {progress.step}/{steps}: loss {loss.item():.3f}{extra}", flush=True)
+            if state is not None and save_every and progress.step % save_every == 0:
+                _save(acc, state, progress.step)
             if progress.step >= steps:
                 break
         if state is not None:
@@ -185,7 +189,8 @@ def _save(acc: Accelerator, state: Path, step: int) -> None:
 
 
 def train(acc: Accelerator, model: torch.nn.Module, data: Data, *, epochs: float, batch: int = 128,
-          lr: float = 2e-3, seed: int = 0, steps: int | None = None, state: Path | None = None) -> dict:
+          lr: float = 2e-3, seed: int = 0, steps: int | None = None, state: Path | None = None,
+          save_every: int | None = None) -> dict:
     """The reference recipe: AdamW (weight decay 0.05), one-cycle schedule (15% warm-up), label
     smoothing 0.1, the data's augmentation. Reference models, fine-tuning and Scratch-E/B all
     train with it (fine-tuning with a smaller ``lr``)."""
@@ -195,7 +200,7 @@ def train(acc: Accelerator, model: torch.nn.Module, data: Data, *, epochs: float
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
                                                    pct_start=0.15)
     return fit(acc, model, optimizer, batches, steps=steps, schedule=schedule, augment=data.augment,
-               label_smoothing=0.1, seed=seed, state=state)
+               label_smoothing=0.1, seed=seed, state=state, save_every=save_every)
 
 
 def top1(model: torch.nn.Module, batches: Iterable, device: torch.device | str | None = None) -> float:
@@ -237,6 +242,7 @@ def parser(doc: str, lr: float, epochs: float) -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state", type=Path, help="checkpoint folder: saved every epoch, resumed from")
+    ap.add_argument("--save-every", type=int, help="also save the state every this many steps")
     ap.add_argument("--out", type=Path, help="artifact path")
     ap.add_argument("--summary", type=Path, help="also write the run's summary (JSON) here")
     return ap

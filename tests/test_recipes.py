@@ -33,7 +33,7 @@ class _Crashing(torch.optim.SGD):
 
 
 def _fit(state: Path | None, crash_at: int | None = None) -> nn.Module:
-    """7 steps over 3 batches per epoch; optionally crash (as a killed run would) at a step."""
+    """7 steps over 3 batches per epoch, saved every 2 steps; optionally crash at a step."""
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 3, (96,), generator=g))
     torch.manual_seed(0)
@@ -42,15 +42,15 @@ def _fit(state: Path | None, crash_at: int | None = None) -> nn.Module:
     optimizer.crash_at = crash_at
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 7)
     training.fit(training.accelerator(), model, optimizer, training.loader(data, 32, seed=0),
-                 steps=7, schedule=schedule, augment=training.augment, state=state)
+                 steps=7, schedule=schedule, augment=training.augment, state=state, save_every=2)
     return model
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     reference = _fit(None)
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, crash_at=5)  # the last save was at the end of epoch 1 (step 3)
-    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 3
+        _fit(tmp_path, crash_at=6)  # the last save was at step 4: one batch into epoch 2
+    assert json.loads((tmp_path / "progress.json").read_text())["step"] == 4
     resumed = _fit(tmp_path)
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
