@@ -36,6 +36,32 @@ FIELDS = ["model", "mode", "variant", "target", "group_sparsity", "epochs", "ste
           "max_rel_diff", "processes", "seconds"]
 
 
+def train(acc, model: torch.nn.Module, data: training.Data, *, epochs: float, steps: int | None = None,
+          batch: int = 128, lr: float = 0.1, variant: str = "sgd", target: float | None = 0.5,
+          epsilon: float = 0.0, start: float = 0.25, weight_decay: float = 1e-4, seed: int = 0,
+          state: Path | None = None) -> tuple[ptsp.OTO | None, dict]:
+    """Train ``model`` from its current weights with DHSPG towards ``target`` group sparsity
+    (``None``: the plain optimiser with the same schedule): cosine schedule, partition after
+    ``start`` of the steps. Returns the OTO (None when dense) and the loop's statistics."""
+    loader = training.loader(data.train, batch, seed)
+    steps = steps or training.steps_for(epochs, len(loader), acc)
+    momentum = 0.9 if variant == "sgd" else None
+    oto = None
+    if target is None:
+        optimizer = (torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=weight_decay)
+                     if variant == "sgd" else torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay))
+    else:
+        oto = ptsp.OTO(model, data.test[0][0][None])
+        optimizer = oto.dhspg(lr=lr, variant=variant, target_group_sparsity=target, epsilon=epsilon,
+                              start_pruning_steps=max(1, int(start * steps)), first_momentum=momentum,
+                              weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    describe = None if oto is None else (lambda: f"group sparsity {oto.optimizer.group_sparsity:.3f}")
+    stats = training.fit(acc, model, optimizer, loader, steps=steps, schedule=schedule, seed=seed,
+                         state=state, describe=describe)
+    return oto, stats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18", choices=list(reference.MODELS))
@@ -61,24 +87,12 @@ def main() -> None:
     data = training.fashion_mnist_data(args.sample)
     test_x, test_labels = data.test.tensors
     model = reference.create(args.model, data.mean, data.std)
-    loader = training.loader(data.train, args.batch, args.seed)
-    steps = args.steps or training.steps_for(args.epochs, len(loader), accelerator)
-    momentum = 0.9 if args.variant == "sgd" else None
-    oto = None
-    if args.dense:
-        optimizer = (torch.optim.SGD(model.parameters(), args.lr, momentum=0.9, weight_decay=args.weight_decay)
-                     if args.variant == "sgd" else torch.optim.AdamW(model.parameters(), args.lr,
-                                                                     weight_decay=args.weight_decay))
-    else:
-        oto = ptsp.OTO(model, test_x[:1])
-        start = max(1, int(args.start * steps))
-        optimizer = oto.dhspg(lr=args.lr, variant=args.variant, target_group_sparsity=args.target,
-                              epsilon=args.epsilon, start_pruning_steps=start,
-                              first_momentum=momentum, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    describe = None if oto is None else (lambda: f"group sparsity {oto.optimizer.group_sparsity:.3f}")
-    seconds = training.fit(accelerator, model, optimizer, loader, steps=steps, schedule=schedule,
-                           seed=args.seed, state=args.state, describe=describe)["seconds"]
+    oto, stats = train(accelerator, model, data, epochs=args.epochs, steps=args.steps,
+                       batch=args.batch, lr=args.lr, variant=args.variant,
+                       target=None if args.dense else args.target, epsilon=args.epsilon,
+                       start=args.start, weight_decay=args.weight_decay, seed=args.seed,
+                       state=args.state)
+    seconds, steps = stats["seconds"], stats["steps"]
     full = accelerator.unwrap_model(model).eval()
     sums = accelerator.gather_for_metrics([training.checksum(full)], use_gather_object=True)
     sparsities = accelerator.gather_for_metrics(

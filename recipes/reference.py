@@ -60,21 +60,26 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return training.top1(model, zip(x.split(batch), y.split(batch)))
 
 
-def train(name: str, epochs: int, batch: int, lr: float, seed: int) -> dict:
-    """Train one reference model with the recipe of ``training.train`` and cache it."""
+def train(name: str, epochs: int, batch: int, lr: float, seed: int,
+          data: training.Data | None = None) -> dict:
+    """Train one reference model with the recipe of ``training.train`` and cache it (on the full
+    Fashion-MNIST unless ``data`` says otherwise)."""
     torch.manual_seed(seed)
-    data = training.fashion_mnist_data()
+    data = data or training.fashion_mnist_data()
     model = create(name, data.mean, data.std)
-    stats = training.train(training.accelerator(), model, data, epochs=epochs, batch=batch, lr=lr,
-                           seed=seed)
-    top1 = training.evaluate(model, data)
-    CACHE.mkdir(parents=True, exist_ok=True)
+    acc = training.accelerator()
+    stats = training.train(acc, model, data, epochs=epochs, batch=batch, lr=lr, seed=seed)
     meta = {"name": name, "mean": str(data.mean), "std": str(data.std), "epochs": str(epochs),
-            "top1": f"{top1:.2f}", "train_seconds": f"{stats['seconds']:.0f}", "seed": str(seed)}
-    tmp = CACHE / f"{name}.safetensors.tmp"
-    safetensors.torch.save_model(model.eval(), str(tmp), metadata=meta)
-    tmp.replace(CACHE / f"{name}.safetensors")
-    print(json.dumps(meta), flush=True)
+            "train_seconds": f"{stats['seconds']:.0f}", "seed": str(seed)}
+    if acc.is_main_process:  # under accelerate launch, one process writes the cache
+        model = acc.unwrap_model(model).cpu().eval()
+        meta["top1"] = f"{training.evaluate(model, data):.2f}"
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE / f"{name}.safetensors.tmp"
+        safetensors.torch.save_model(model, str(tmp), metadata=meta)
+        tmp.replace(CACHE / f"{name}.safetensors")
+        print(json.dumps(meta), flush=True)
+    acc.wait_for_everyone()
     return meta
 
 

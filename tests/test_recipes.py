@@ -133,3 +133,28 @@ def test_dhspg_with_two_processes(tmp_path):
     assert float(result["max_rel_diff"]) <= 1e-5
     assert isinstance(ptsp.load(out), nn.Module)
     assert len(result["sparsities"]) == 2 and len(set(result["sparsities"])) == 1
+
+
+def test_compare_with_two_processes(tmp_path):
+    """The whole comparison on the committed sample, tiny schedules: every method gives a row, the
+    pruned rows meet the FLOPs level, and the table and plot are written."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "recipes" / "compare.py"), "--models", "resnet10t", "--levels", "0.5", "--sample",
+           "--reference-epochs", "1", "--epochs-scale", "0.05", "--samples", "64",
+           "--cache", str(tmp_path / "cache"), "--results", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import compare
+    import table
+
+    rows = {r["method"]: r for r in table.rows(tmp_path / "compare.csv")}
+    assert set(rows) == {"dense", *compare.METHODS}
+    assert all(r["processes"] == "2" for r in rows.values())
+    for method in ("psp", "tp", "tp+bn", "finetune", "scratch-e", "scratch-b"):
+        assert abs(int(rows[method]["flops"]) / int(rows[method]["flops_dense"]) - 0.5) < 0.02
+    assert rows["finetune"]["params"] == rows["psp"]["params"] == rows["scratch-b"]["params"]
+    assert float(rows["scratch-b"]["epochs"]) > float(rows["scratch-e"]["epochs"])
+    assert "| psp |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 0
