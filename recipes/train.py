@@ -35,15 +35,17 @@ def main(argv: list[str] | None = None) -> dict | None:
             ap.error("--pretrained needs 3-channel images: pass --data with a datasets source")
         data = training.fashion_mnist_data(args.sample)
         model = reference.create(args.model, data.mean, data.std)
+        model_args = reference.MODELS.get(args.model) or None  # what reference.create adds
     else:
         model = timm.create_model(args.model, pretrained=args.pretrained,
                                   num_classes=training.num_classes(args.data))
         data = training.datasets_data(args.data, model)
+        model_args = None
     stats = training.train(acc, model, data, epochs=args.epochs, batch=args.batch, lr=args.lr,
                            seed=args.seed, steps=args.steps, state=args.state,
                            save_every=args.save_every)
     return training.finish(acc, model, data, stats, args.out or Path(f"{args.model}.safetensors"),
-                           args.summary, reference.MODELS.get(args.model) or None, arch=args.model)
+                           args.summary, model_args, arch=args.model)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,17 @@ def test_compare_with_two_processes(tmp_path):
     assert float(rows["scratch-b"]["epochs"]) > float(rows["scratch-e"]["epochs"])
     assert "| psp |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_train_on_a_datasets_folder(tmp_path):
+    """--data takes a datasets folder (here the committed parquet sample): timm's transforms at the
+X
+    import train
+
+    out = tmp_path / "hub.safetensors"
+    result = train.main(["--model", "resnet10t", "--data", str(ROOT / "calib_data" / "fashion_mnist"),
+                         "--steps", "2", "--batch", "8", "--out", str(out)])
+    model = ptsp.load(out)
+    assert result["steps"] == 2 and model.num_classes == 10
+    x = torch.randn(2, 3, 224, 224)
+    assert model(x).shape == (2, 10)
