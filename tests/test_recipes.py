@@ -163,7 +163,6 @@ def test_compare_with_two_processes(tmp_path):
 def test_train_on_a_datasets_folder(tmp_path):
     """--data takes a datasets folder (here the committed parquet sample): timm's transforms at the
     model's own input size (3×224×224), and an artifact that reloads."""
-
     import train
 
     out = tmp_path / "hub.safetensors"
