@@ -11,11 +11,9 @@ the markdown table and the accuracy-vs-FLOPs plot are rewritten from the CSV.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-import safetensors
 import torch
 
 import fashion_mnist
@@ -77,10 +75,8 @@ def write_report() -> None:
              "images and default settings. Δ is psp minus the dense model.", ""]
     trained = []
     for name in models:
-        path = reference.CACHE / f"{name}.safetensors"
-        if path.exists():
-            with safetensors.safe_open(str(path), "pt") as f:
-                trained.append(f"{name}: {f.metadata()['epochs']} epoch(s)")
+        if (reference.CACHE / f"{name}.safetensors").exists():
+            trained.append(f"{name}: {reference.metadata(name)['epochs']} epoch(s)")
     if trained:
         lines += ["Reference training (`recipes/reference.py --epochs N`): " + ", ".join(trained)
                   + ". Seconds are wall time on the shared 2-core CPU.", ""]
@@ -107,12 +103,8 @@ def write_report() -> None:
 
 
 def _plot(rows: list[dict], models: list[str]) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+    plt = table.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.4), squeeze=False)
     for ax, name in zip(axes[0], models):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import math
 import sys
 import time
@@ -138,15 +139,11 @@ class Run:
         if not (reference.CACHE / f"{name}.safetensors").exists():
             reference.train(name, args.reference_epochs, 128, 2e-3, 0, self.data)
         base = reference.load(name)
-        epochs = reference.epochs(name)
-        params, flops = count(base, self.bench_x[:1])
-        dense = {"top1": f"{training.evaluate(base, self.data):.2f}", "flops": flops}
+        trained = reference.metadata(name)
+        epochs = float(trained["epochs"])
+        dense = {"top1": f"{training.evaluate(base, self.data):.2f}", "flops": count(base, self.bench_x[:1])[1]}
         if (name, "0", "dense") not in self.done:
-            import safetensors
-
-            with safetensors.safe_open(str(reference.CACHE / f"{name}.safetensors"), "pt") as f:
-                seconds = float(f.metadata()["train_seconds"])
-            self.measure(name, "0", "dense", base, seconds, dense, epochs)
+            self.measure(name, "0", "dense", base, float(trained["train_seconds"]), dense, epochs)
         for level in args.levels:
             self.level(name, base, str(level), epochs, dense)
 
@@ -197,9 +194,7 @@ class Run:
             acc.wait_for_everyone()
 
     def torch_pruning(self, name: str, base: torch.nn.Module, level: str, method: str, dense: dict) -> None:
-        try:
-            import torch_pruning  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("torch_pruning") is None:
             print("torch-pruning missing (pip install -e '.[bench]'): no tp rows", file=sys.stderr)
             return
         t0 = time.perf_counter()
@@ -270,12 +265,8 @@ def checks(rows: list[dict]) -> list[str]:
 
 
 def _plot(rows: list[dict], models: list[str], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+    plt = table.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models), 6.4), squeeze=False)
     for col, name in enumerate(models):

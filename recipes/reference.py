@@ -49,10 +49,10 @@ def load(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def epochs(name: str) -> float:
-    """Epochs the cached reference model was trained for (Scratch-E trains as long)."""
+def metadata(name: str) -> dict[str, str]:
+    """How the cached reference model was trained: epochs, seconds, top-1, seed, normalisation."""
     with safetensors.safe_open(str(CACHE / f"{name}.safetensors"), "pt") as f:
-        return float(f.metadata()["epochs"])
+        return f.metadata()
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:

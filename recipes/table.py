@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 
@@ -22,3 +23,15 @@ def append(path: Path, fields: list[str], row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow({k: row.get(k, "") for k in fields})
+
+
+def pyplot():
+    """matplotlib's pyplot for writing plot files, or None (with a note) when it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return None
+    return plt
