@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,13 +60,22 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
 def _launch(tmp_path: Path, script: str, *args: str) -> dict:
     """Run a recipe with 2 CPU processes; its JSON summary."""
     summary = tmp_path / f"{Path(script).stem}.json"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "recipes" / script), *args, "--summary", str(summary)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_two_processes(tmp_path, str(ROOT / "recipes" / script), *args, "--summary", str(summary))
     return json.loads(summary.read_text())
+
+
+def _run_two_processes(cwd: Path, *args: str) -> None:
+    """``accelerate launch`` with 2 CPU processes on a free port (the default one may still be
+    held by the previous launch's socket)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+           "--dynamo_backend", "no", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +148,9 @@ def test_dhspg_with_two_processes(tmp_path):
 def test_compare_with_two_processes(tmp_path):
     """The whole comparison on the committed sample, tiny schedules: every method gives a row, the
     pruned rows meet the FLOPs level, and the table and plot are written."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "recipes" / "compare.py"), "--models", "resnet10t", "--levels", "0.5", "--sample",
-           "--reference-epochs", "1", "--epochs-scale", "0.05", "--samples", "64",
-           "--cache", str(tmp_path / "cache"), "--results", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_two_processes(tmp_path, str(ROOT / "recipes" / "compare.py"), "--models", "resnet10t",
+                       "--levels", "0.5", "--sample", "--reference-epochs", "1", "--epochs-scale", "0.05",
+                       "--samples", "64", "--cache", str(tmp_path / "cache"), "--results", str(tmp_path))
     import compare
     import table
 
