@@ -1,36 +1,46 @@
 """Channel importance: pure functions of a group and the model's tensors.
 
-Each criterion returns one score per channel of the group (higher = more important). Scores are
-normalised by the group's mean before the global ranking, so groups of different sizes and
-scales compete fairly (PSP's choice).
+Each criterion returns one score per channel of the group (higher = more important).
+
+* Magnitude criteria (l2, l1, bn_scale) read the weights. Their scales differ from group to group,
+  so each group's scores are divided by the group's mean before the global ranking (PSP's choice),
+  which prunes every group at about the same rate whatever its sensitivity.
+* Taylor reads ``w·∂L/∂w`` on calibration batches, where L is the cross-entropy of the model
+  against its own predictions (no labels needed). Its score estimates the loss change when the
+  channel is removed, in the same units for every group, so it is ranked unnormalised and spares
+  the groups the model cannot do without (narrow stems and residual streams).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import copy
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from .groups import Group
 
 Importance = Callable[[Group, Mapping[str, torch.Tensor]], np.ndarray]
 
 
-def _scored_members(group: Group, tensors: Mapping[str, torch.Tensor]):
-    """Weights, consumer columns and norm scales; biases and running statistics carry no
-    magnitude information about a channel's contribution."""
-    for m in group.members:
-        if m.tensor in tensors and not m.tensor.endswith("bias"):
-            yield m, tensors[m.tensor]
-
-
-def _norm(group: Group, tensors: Mapping[str, torch.Tensor], p: float) -> np.ndarray:
+def _channel_sums(group: Group, tensors: Mapping[str, torch.Tensor],
+                  transform: Callable[[torch.Tensor], torch.Tensor],
+                  biases: bool) -> tuple[np.ndarray, int]:
+    """Per channel, the sum over the group's members found in ``tensors`` of ``transform(slice)``
+    summed over the slice; and how many members were scored. Running statistics are never in
+    ``tensors`` (parameters only); biases carry no magnitude information about a channel's
+    contribution, but they are part of its loss change (``biases``)."""
     lookup = {int(c): i for i, c in enumerate(group.ids)}
     scores = np.zeros(group.channels)
     count = 0
-    for m, t in _scored_members(group, tensors):
+    for m in group.members:
+        if m.tensor not in tensors or (not biases and m.tensor.endswith("bias")):
+            continue
+        t = tensors[m.tensor]
         other = [d for d in range(t.dim()) if d not in m.dims]
-        per = t.detach().abs().pow(p).sum(other) if other else t.detach().abs().pow(p)
+        per = transform(t.detach())
+        per = per.sum(other) if other else per
         if list(m.dims) != sorted(m.dims):
             per = per.permute(*np.argsort(np.argsort(m.dims)))
         per = per.double().cpu().numpy().reshape(m.channel.shape)
@@ -38,6 +48,11 @@ def _norm(group: Group, tensors: Mapping[str, torch.Tensor], p: float) -> np.nda
         ok = idx >= 0
         np.add.at(scores, idx[ok], per.ravel()[ok])
         count += 1
+    return scores, count
+
+
+def _norm(group: Group, tensors: Mapping[str, torch.Tensor], p: float) -> np.ndarray:
+    scores, count = _channel_sums(group, tensors, lambda t: t.abs().pow(p), biases=False)
     return scores / max(count, 1)
 
 
@@ -65,20 +80,73 @@ def bn_scale(group: Group, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
     return scores if found else l2(group, tensors)
 
 
+def taylor(group: Group, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Group Taylor (Molchanov et al. 2019) for one batch, given ``tensors`` = ``w·∂L/∂w``: the
+    square of the first-order loss change when the channel's whole slice goes,
+    ``(Σ_members Σ_slice w·∂L/∂w)²``. Summed over batches by :func:`taylor_scores`."""
+    return _channel_sums(group, tensors, lambda t: t, biases=True)[0] ** 2
+
+
 def random(group: Group, tensors: Mapping[str, torch.Tensor], seed: int = 0) -> np.ndarray:
     """A control: seeded random scores."""
     rng = np.random.default_rng(seed + group.index)
     return rng.random(group.channels)
 
 
-IMPORTANCE: dict[str, Importance] = {"l2": l2, "l1": l1, "bn_scale": bn_scale, "random": random}
+IMPORTANCE: dict[str, Importance] = {"l2": l2, "l1": l1, "bn_scale": bn_scale, "taylor": taylor,
+                                     "random": random}
+#: criteria that read gradients on calibration data, ranked unnormalised
+DATA_IMPORTANCE = ("taylor",)
+
+
+def scores(groups, model: nn.Module, criterion: str = "l2",
+           batches: Iterable[torch.Tensor] | None = None, micro_batch: int | None = None) -> np.ndarray:
+    """Scores of every prunable channel over global channel ids (NaN for channels that cannot be
+    pruned): :func:`taylor_scores` for a data criterion, else :func:`normalised_scores`."""
+    if criterion in DATA_IMPORTANCE:
+        if batches is None:
+            raise ValueError(f"importance {criterion!r} needs calibration batches")
+        return taylor_scores(groups, model, batches, micro_batch)
+    return normalised_scores(groups, dict(model.named_parameters()), criterion)
+
+
+def taylor_scores(groups, model: nn.Module, batches: Iterable[torch.Tensor],
+                  micro_batch: int | None = None) -> np.ndarray:
+    """:func:`taylor` summed over the calibration batches (one forward and backward pass over
+    them, on a copy of ``model`` in eval mode), unnormalised.
+
+    L is the cross-entropy of the model's logits against its own top-1 predictions, so no labels
+    are needed; ``micro_batch`` splits each batch (same gradient, less memory)."""
+    work = copy.deepcopy(model).eval().requires_grad_(True)
+    params = dict(work.named_parameters())
+    device = next(iter(params.values())).device
+    prunable = [g for g in groups if g.prunable]
+    sums = {g.index: np.zeros(g.channels) for g in prunable}
+    for x in batches:
+        work.zero_grad(set_to_none=True)
+        for piece in x.split(micro_batch or len(x)):
+            logits = work(piece.to(device))
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise ValueError("importance 'taylor' needs a classifier: a model whose output is "
+                                 "a (batch, classes) tensor of logits")
+            target = logits.detach().argmax(1)
+            nn.functional.cross_entropy(logits, target, reduction="sum").backward()
+        grads = {n: p * p.grad for n, p in params.items() if p.grad is not None}
+        for g in prunable:
+            sums[g.index] += taylor(g, grads)
+    out = np.full(groups.num_channels, np.nan)
+    for g in prunable:
+        out[g.ids] = sums[g.index]
+    return out
 
 
 def normalised_scores(groups, tensors: Mapping[str, torch.Tensor], criterion: str = "l2") -> np.ndarray:
-    """Scores of every prunable channel over global channel ids, each group divided by its mean
-    (NaN for channels that cannot be pruned)."""
+    """Scores of a magnitude criterion for every prunable channel over global channel ids, each
+    group divided by its mean (NaN for channels that cannot be pruned)."""
     if criterion not in IMPORTANCE:
         raise ValueError(f"unknown importance {criterion!r}; choose from {sorted(IMPORTANCE)}")
+    if criterion in DATA_IMPORTANCE:
+        raise ValueError(f"importance {criterion!r} needs calibration data: use scores()")
     fn = IMPORTANCE[criterion]
     out = np.full(groups.num_channels, np.nan)
     for g in groups:

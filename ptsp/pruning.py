@@ -17,14 +17,17 @@ from . import __version__
 from .counting import Estimator, count
 from .data import read_batches
 from .groups import Groups, build_groups
-from .importance import IMPORTANCE, normalised_scores
-from .reconstruction import Reconstruction, device_of, doomed_masks, phase1, phase2, reestimate_bn
+from .importance import DATA_IMPORTANCE, IMPORTANCE, scores
+from .reconstruction import (Reconstruction, device_of, doomed_masks, eval_mode, phase1, phase2,
+                             reestimate_bn)
 from .selection import TARGETS, select
 from .surgery import Kept, apply, compose, kept_indices
 
 #: methods that need calibration data (post-training reconstruction)
 DATA_METHODS = ("bn", "layerwise", "global", "psp")
 METHODS = ("magnitude",) + DATA_METHODS
+#: the criteria ``importance="auto"`` plans with, keeping the plan that distorts the output least
+AUTO = ("l2", "taylor")
 PLAN_ATTR = "_ptsp_plan"
 
 
@@ -38,7 +41,7 @@ def default_inputs(model: nn.Module) -> torch.Tensor:
 
 
 def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float = 0.5, *,
-          method: str = "psp", target: str = "channels", importance: str = "l2",
+          method: str = "psp", target: str = "channels", importance: str | None = None,
           reconstruction: Reconstruction | None = None, example_inputs: Any = None,
           max_ratio: float = 1.0, round_to: int = 1,
           ignored_layers: Iterable[nn.Module | str] = ()) -> nn.Module:
@@ -53,7 +56,10 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
             the model's FLOPs / parameters (``target="flops"`` / ``"params"``).
         method: "psp" (two-phase reconstruction), "global" (phase 2 only, gAP), "layerwise"
             (AdaPrune), "bn" (BatchNorm re-estimation only) or "magnitude" (data-free).
-        importance: channel criterion, one of :data:`ptsp.importance.IMPORTANCE`.
+        importance: channel criterion, one of :data:`ptsp.importance.IMPORTANCE`, or "auto" (the
+            default of the calibrated methods): plan with each of :data:`AUTO` and keep the plan
+            whose pruned model, BatchNorm re-estimated, matches the original's outputs best on the
+            calibration images. "magnitude" defaults to "l2" (PSP's).
         reconstruction: settings of the calibrated methods (:class:`Reconstruction`).
         example_inputs: input used to trace the model; defaults to the first calibration image,
             or one random image of the timm data config's size.
@@ -75,8 +81,14 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
                          "(or use method='magnitude' for data-free pruning)")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if importance not in IMPORTANCE:
-        raise ValueError(f"unknown importance {importance!r}; choose from {sorted(IMPORTANCE)}")
+    if importance is None:
+        importance = "auto" if method in DATA_METHODS else "l2"
+    if importance not in IMPORTANCE and importance != "auto":
+        raise ValueError(f"unknown importance {importance!r}; choose from "
+                         f"{sorted(IMPORTANCE) + ['auto']}")
+    if importance in DATA_IMPORTANCE + ("auto",) and method not in DATA_METHODS:
+        raise ValueError(f"importance {importance!r} reads gradients on calibration data; "
+                         f"method={method!r} has none (use a data-free criterion such as 'l2')")
     if not 0 < max_ratio <= 1:
         raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
     if not isinstance(round_to, int) or round_to < 1:
@@ -102,14 +114,25 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     skip = _ignored_groups(model, groups, ignored_layers)
     estimator = Estimator(model, groups)
 
-    def plan_for(source: nn.Module) -> Callable[[set[int]], np.ndarray]:
-        scores = normalised_scores(groups, dict(source.named_parameters()), importance)
-        return lambda skip: select(groups, scores, ratio, target, estimator=estimator,
+    def plan_for(source: nn.Module, criterion: str) -> Callable[[set[int]], np.ndarray]:
+        with clock("importance"):
+            ranked = scores(groups, source, criterion, batches, settings.micro_batch)
+        return lambda skip: select(groups, ranked, ratio, target, estimator=estimator,
                                    max_ratio=max_ratio, round_to=round_to, skip=skip)
 
     report: dict[str, Any] = {}
+    criterion = "l2" if importance == "auto" and not _gives_logits(model, batches) else importance
+    if criterion == "auto":
+        plans = {c: plan_for(model, c) for c in AUTO}
+        with clock("importance"):
+            report["importance"] = _distortions(model, groups, batches,
+                                                {c: plan(skip) for c, plan in plans.items()})
+        criterion = min(AUTO, key=report["importance"].get)
+        make_plan = plans[criterion]
+    else:
+        make_plan = plan_for(model, criterion)
     with clock("plan_and_surgery"):
-        removed, kept, pruned, skip = remove_checked(model, groups, inputs, skip, plan_for(model))
+        removed, kept, pruned, skip = remove_checked(model, groups, inputs, skip, make_plan)
     if batches is not None:
         teacher = copy.deepcopy(model).requires_grad_(False) if method != "bn" else None
         if method == "psp":
@@ -118,9 +141,9 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
                 masks = doomed_masks(student, groups, removed)
                 report["phase1"] = phase1(student, teacher, batches, kept, masks, settings,
                                           probe=pruned)
+            make_plan = plan_for(student, criterion)
             with clock("plan_and_surgery"):
-                removed, kept, pruned, skip = remove_checked(student, groups, inputs, skip,
-                                                             plan_for(student))
+                removed, kept, pruned, skip = remove_checked(student, groups, inputs, skip, make_plan)
         if settings.bn == "reestimate" or method == "bn":
             with clock("bn"):
                 reestimate_bn(pruned, batches)
@@ -135,7 +158,7 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     pruned.eval()
     plan = {
         "method": method,
-        "importance": importance,
+        "importance": criterion,
         "target": target,
         "ratio": float(ratio),
         "max_ratio": float(max_ratio),
@@ -148,6 +171,33 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     }
     setattr(pruned, PLAN_ATTR, plan)
     return pruned
+
+
+def _gives_logits(model: nn.Module, batches: list[torch.Tensor]) -> bool:
+    """Whether the model's output is a (batch, classes) tensor, as Taylor importance needs."""
+    with torch.no_grad(), eval_mode(model):
+        out = model(batches[0][:2].to(device_of(model)))
+    return isinstance(out, torch.Tensor) and out.dim() == 2
+
+
+def _distortions(model: nn.Module, groups: Groups, batches: list[torch.Tensor],
+                 removals: dict[str, np.ndarray]) -> dict[str, float]:
+    """For each candidate removal: the relative squared error of the logits of ``model`` with
+    those channels zeroed (the function of the pruned model) and its BatchNorms re-estimated,
+    against ``model``'s own, over the calibration batches."""
+    device = device_of(model)
+    with torch.no_grad(), eval_mode(model):
+        reference = [model(x.to(device)).float() for x in batches]
+    out = {}
+    for name, removed in removals.items():
+        masked = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, doomed in doomed_masks(masked, groups, removed):
+                p[doomed] = 0
+            reestimate_bn(masked, batches)
+            err = sum((masked(x.to(device)).float() - y).pow(2).sum() for x, y in zip(batches, reference))
+        out[name] = float(err / sum(y.pow(2).sum() for y in reference))
+    return out
 
 
 def record(model: nn.Module, pruned: nn.Module, groups: Groups, removed: np.ndarray, kept: Kept,

@@ -421,7 +421,7 @@ def _activation_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> d
                 shapes[name] = (tuple(arg.shape) if arg is not None else None,
                                 tuple(out.shape) if isinstance(out, torch.Tensor) else None)
         handles.append(model.get_submodule(name).register_forward_hook(hook))
-    with _eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             model(x.to(device_of(model)))
         finally:
@@ -443,7 +443,7 @@ def _param_groups(model: nn.Module, x: torch.Tensor, lr: float, balanced: bool,
             seen.add(id(module))
             called.append(module)
     handles = [m.register_forward_pre_hook(hook) for m in owners]
-    with _eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             model(x)
         finally:
@@ -469,7 +469,8 @@ def _set_modes(model: nn.Module, train_bn: bool) -> None:
 
 
 @contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside the block, each module's own mode restored after."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
