@@ -39,7 +39,8 @@ class Reconstruction:
     """Settings of the calibrated methods (method.md §3–4). The defaults are the measured best
     (recipes/results/ablation.md): the authors' loss choices (replace-gradient penalty, every
     channel as a phase-1 target) with explicit BatchNorm re-estimation and execution order.
-    ``Reconstruction.authors()`` gives every choice of the PSP authors' code.
+    ``Reconstruction.authors()`` gives every reconstruction choice of the PSP authors' code (their
+    plan is ``importance="l2"``).
 
     Attributes:
         phase1_passes / phase2_passes: passes over the calibration set in each phase.

@@ -25,7 +25,7 @@ import ptsp
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "accuracy.csv"
 FIELDS = ["model", "method", "level", "top1", "dense_top1", "flops", "flops_dense", "params",
-          "params_dense", "seconds"]
+          "params_dense", "seconds", "importance"]
 METHODS = ("magnitude", "bn", "layerwise", "global", "psp")
 COMMAND = "python recipes/reference.py && python recipes/accuracy.py"
 
@@ -57,7 +57,8 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
                        "top1": f"{reference.evaluate(pruned, test_x, test_labels):.2f}",
                        "dense_top1": dense_row["top1"], "flops": plan["flops"]["after"],
                        "flops_dense": plan["flops"]["before"], "params": plan["params"]["after"],
-                       "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}"}
+                       "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}",
+                       "importance": plan["importance"]}
                 print(row, flush=True)
                 table.append(CSV, FIELDS, row)
         write_report()
@@ -72,7 +73,8 @@ def write_report() -> None:
     lines = ["# Accuracy without retraining (Fashion-MNIST reference models)", "",
              f"Regenerate: `{COMMAND}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
              "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
-             "images and default settings. Δ is psp minus the dense model.", ""]
+             "images and default settings. Δ is psp minus the dense model; plan is the importance "
+             "criterion the calibrated methods' default (`importance=\"auto\"`) chose.", ""]
     trained = []
     for name in models:
         if (reference.CACHE / f"{name}.safetensors").exists():
@@ -80,7 +82,7 @@ def write_report() -> None:
     if trained:
         lines += ["Reference training (`recipes/reference.py --epochs N`): " + ", ".join(trained)
                   + ". Seconds are wall time on the shared 2-core CPU.", ""]
-    header = "| model | dense | level | " + " | ".join(METHODS) + " | psp Δ | params kept | psp seconds |"
+    header = "| model | dense | level | " + " | ".join(METHODS) + " | psp Δ | plan | params kept | psp seconds |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name in models:
         for level in levels:
@@ -96,8 +98,9 @@ def write_report() -> None:
             delta = f"{tops['psp'] - dense:+.2f}" if "psp" in tops else "–"
             kept = f"{int(any_row['params']) / int(any_row['params_dense']):.0%}"
             secs = cell["psp"]["seconds"] if "psp" in cell else "–"
+            plan = cell["psp"].get("importance") or "–" if "psp" in cell else "–"
             lines.append(f"| {name} | {dense:.2f} | −{float(level):.0%} FLOPs | " + " | ".join(shown)
-                         + f" | {delta} | {kept} | {secs} |")
+                         + f" | {delta} | {plan} | {kept} | {secs} |")
     (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n\n![accuracy vs FLOPs](accuracy.png)\n")
     _plot(rows, models)
 

@@ -3,8 +3,10 @@ no hooks, loss bookkeeping, planning or surgery.
 
 The floor replays, on the same model and data, what the pipeline must compute: phase 1 (teacher
 forward, student forward and backward, Adam step) on the dense model, phase 2 the same on the
-pruned model, and the two BatchNorm re-estimation forwards. The ratio is pipeline / floor
-(target ≤ 1.3). Writes ``recipes/results/bench_prune.md``.
+pruned model, the two BatchNorm re-estimation forwards, and the passes of the default
+``importance="auto"``: a Taylor forward and backward (again after phase 1 when it picks taylor), the
+original's forward and, per candidate plan, a BatchNorm re-estimation and an evaluation forward.
+The ratio is pipeline / floor (target ≤ 1.3). Writes ``recipes/results/bench_prune.md``.
 
     python recipes/bench_prune.py --model resnet18 --size 224 --samples 256
 """
@@ -38,7 +40,17 @@ def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list
                 optimiser.step()
 
     teacher = copy.deepcopy(model).eval()
+    auto = ptsp.plan_of(pruned)["report"].get("importance", {})
     t0 = time.perf_counter()
+    if auto:
+        work = copy.deepcopy(model).eval()
+        for _ in range(1 + (ptsp.plan_of(pruned)["importance"] == "taylor")):
+            for x in batches:
+                work(x).float().pow(2).mean().backward()
+        with torch.no_grad():
+            for _ in range(1 + 2 * len(auto)):
+                for x in batches:
+                    teacher(x)
     passes(copy.deepcopy(model).eval(), teacher, settings.phase1_passes)
     passes(copy.deepcopy(pruned).eval(), teacher, settings.phase2_passes)
     with torch.no_grad():

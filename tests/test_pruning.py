@@ -89,3 +89,21 @@ def test_untraceable_and_non_module():
 def test_plan_of_unpruned(resnet):
     with pytest.raises(ValueError, match="not produced by ptsp.prune"):
         ptsp.plan_of(resnet)
+
+
+def test_auto_importance_keeps_the_least_distorting_plan():
+    """importance="auto" plans with l2 and taylor and keeps the plan with the smaller logit
+    error; a model without logits (here: feature maps) can only be planned by magnitude."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10).eval()
+    x = torch.randn(16, 3, 32, 32)
+    quiet = ptsp.Reconstruction(progress=False)
+    pruned = ptsp.prune(model, [x], 0.5, method="bn", reconstruction=quiet)
+    plan = ptsp.plan_of(pruned)
+    errors = plan["report"]["importance"]
+    assert set(errors) == set(ptsp.pruning.AUTO) and all(e >= 0 for e in errors.values())
+    assert plan["importance"] == min(errors, key=errors.get)
+    chosen = ptsp.prune(model, [x], 0.5, method="bn", importance=plan["importance"], reconstruction=quiet)
+    assert ptsp.plan_of(chosen)["kept"] == plan["kept"]
+    features = nn.Sequential(*list(model.children())[:-2])  # no pooling or classifier: 4-D output
+    assert ptsp.plan_of(ptsp.prune(features, [x], 0.5, method="bn", reconstruction=quiet))["importance"] == "l2"
