@@ -74,7 +74,8 @@ def write_report() -> None:
              f"Regenerate: `{COMMAND}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
              "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
              "images and default settings. Δ is psp minus the dense model; plan is the importance "
-             "criterion the calibrated methods' default (`importance=\"auto\"`) chose.", ""]
+             "criterion of the calibrated methods' plan (rows measured before `importance=\"auto\"` "
+             "became the default say l2).", ""]
     trained = []
     for name in models:
         if (reference.CACHE / f"{name}.safetensors").exists():
