@@ -175,9 +175,9 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
 
 def _gives_logits(model: nn.Module, batches: list[torch.Tensor]) -> bool:
     """Whether the model's output is a (batch, classes) tensor, as Taylor importance needs."""
-    with torch.no_grad(), eval_mode(model):
-        out = model(batches[0][:2].to(device_of(model)))
-    return isinstance(out, torch.Tensor) and out.dim() == 2
+    with torch.no_grad():
+        shape = _output_shape(model, (batches[0][:2].to(device_of(model)),))
+    return shape is not None and len(shape) == 2
 
 
 def _distortions(model: nn.Module, groups: Groups, batches: list[torch.Tensor],
