@@ -2,11 +2,13 @@
 
     python recipes/ablation.py                                   # resnet18, 50% fewer FLOPs
     python recipes/ablation.py --models resnet18 resnet10t --level 0.7
+    python recipes/ablation.py --importance l2 --variants defaults "authors()"   # the authors' plan
 
 Each row changes one ``ptsp.Reconstruction`` field from the defaults (the first row), plus the
 authors' full configuration (``Reconstruction.authors()``); every run uses the same 512 unlabeled
 training images and is evaluated on the 10k test images. Rows are appended to
-``recipes/results/ablation.csv`` (re-running resumes); ``ablation.md`` is rewritten from it.
+``recipes/results/ablation.csv`` (re-running resumes); ``ablation.md`` is rewritten from it. The
+``importance`` column is the option given to ``ptsp.prune``, ``plan`` the criterion it planned with.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import ptsp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "ablation.csv"
-FIELDS = ["model", "level", "variant", "top1", "dense_top1", "seconds"]
+FIELDS = ["model", "level", "variant", "top1", "dense_top1", "seconds", "importance", "plan"]
 #: single changes from the defaults
 SINGLE: dict[str, dict] = {
     "penalty=l2": {"penalty": "l2"},
@@ -53,9 +55,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18"], choices=list(reference.MODELS))
     ap.add_argument("--level", type=float, default=0.5, help="fraction of FLOPs removed")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--importance", default="auto", choices=("auto", "l2", "taylor"))
     args = ap.parse_args()
     torch.manual_seed(0)
-    done = {(r["model"], r["level"], r["variant"]) for r in table.rows(CSV)}
+    done = {(r["model"], r["level"], r["variant"], r["importance"]) for r in table.rows(CSV)}
     RESULTS.mkdir(exist_ok=True)
     test_images, test_labels = fashion_mnist.load("test")
     train_images = fashion_mnist.load("train")[0]
@@ -67,12 +70,14 @@ def main() -> None:
             fashion_mnist.prepare(train_images, reference.SIZE, mean, std), 512, 64, seed=0)
         dense = reference.evaluate(model, test_x, test_labels)
         for variant in args.variants:
-            if (name, str(args.level), variant) in done:
+            if (name, str(args.level), variant, args.importance) in done:
                 continue
             settings = ptsp.Reconstruction(**{**VARIANTS[variant], "progress": False})
             t0 = time.perf_counter()
-            pruned = ptsp.prune(model, calib, args.level, target="flops", reconstruction=settings)
+            pruned = ptsp.prune(model, calib, args.level, target="flops", reconstruction=settings,
+                                importance=args.importance)
             row = {"model": name, "level": str(args.level), "variant": variant,
+                   "importance": args.importance, "plan": ptsp.plan_of(pruned)["importance"],
                    "top1": f"{reference.evaluate(pruned, test_x, test_labels):.2f}",
                    "dense_top1": f"{dense:.2f}", "seconds": f"{time.perf_counter() - t0:.0f}"}
             print(row, flush=True)
@@ -85,15 +90,18 @@ def write_report() -> None:
     lines = ["# psp ablation (Fashion-MNIST reference models)", "",
              "Regenerate: `python recipes/ablation.py` (CPU). Top-1 (%) on the 10k test images after "
              "psp pruning with one `ptsp.Reconstruction` field changed from the defaults; same 512 "
-             "unlabeled calibration images for every row.", "",
-             "| model | FLOPs removed | variant | top-1 | vs defaults | dense | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    base = {(r["model"], r["level"]): float(r["top1"]) for r in rows if r["variant"] == "defaults"}
+             "unlabeled calibration images for every row. importance is the option given to "
+             "`ptsp.prune` (rows before `importance=\"auto\"` existed say l2), plan the criterion "
+             "it planned with; \"vs defaults\" compares with the defaults row of the same option.", "",
+             "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | dense | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], r["level"], r["importance"]): float(r["top1"])
+            for r in rows if r["variant"] == "defaults"}
     for r in rows:
-        ref = base.get((r["model"], r["level"]))
+        ref = base.get((r["model"], r["level"], r["importance"]))
         delta = f"{float(r['top1']) - ref:+.2f}" if ref is not None else "–"
-        lines.append(f"| {r['model']} | {float(r['level']):.0%} | {r['variant']} | {r['top1']} | "
-                     f"{delta} | {r['dense_top1']} | {r['seconds']} |")
+        lines.append(f"| {r['model']} | {float(r['level']):.0%} | {r['importance']} | {r['plan']} | "
+                     f"{r['variant']} | {r['top1']} | {delta} | {r['dense_top1']} | {r['seconds']} |")
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
 
