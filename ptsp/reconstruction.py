@@ -228,7 +228,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     bar = tqdm(total=passes * len(batches), desc=f"ptsp {desc}", disable=not settings.progress,
                leave=False)
     try:
-        with _Hooks(student, teacher, targets, feed) as hooks:
+        with _Hooks(student, teacher, targets, feed, batches[0][:1].to(device)) as hooks:
             for j in range(passes):
                 running = 0.0
                 for x in batches:
@@ -269,11 +269,15 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
 
 class _Hooks:
     """Forward hooks on teacher and student; ``loss(x)`` runs both on ``x`` and returns the summed
-    relative error of the target layers' outputs."""
+    relative error of the target layers' outputs. ``example`` (one input) shows which recorded
+    teacher tensors the model later modifies in place (timm's ``x += shortcut`` after a norm, an
+    in-place activation after a conv): those are copied when recorded, the rest kept as they are."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, targets: dict[str, _Target],
-                 feed: bool) -> None:
+                 feed: bool, example: torch.Tensor) -> None:
         self.student, self.teacher, self.targets, self.feed = student, teacher, targets, feed
+        self.example = example
+        self.mutated: set[tuple[str, str]] = set()
         self.outputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.inputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.terms: list[torch.Tensor] = []
@@ -282,6 +286,7 @@ class _Hooks:
         self.handles: list[Any] = []
 
     def __enter__(self) -> "_Hooks":
+        self.mutated = _modified_in_place(self.teacher, list(self.targets), self.example)
         for name, target in self.targets.items():
             self.handles.append(self.teacher.get_submodule(name).register_forward_hook(
                 self._record(name, target)))
@@ -326,11 +331,13 @@ class _Hooks:
         return total
 
     def _record(self, name: str, target: _Target) -> Callable:
+        copy_out, copy_in = (name, "out") in self.mutated, (name, "in") in self.mutated
+
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             if isinstance(out, torch.Tensor):
-                self.outputs[name].append(_pick(out, target.teacher_out))
+                self.outputs[name].append(_kept_copy(out, target.teacher_out, copy_out))
             if self.feed and args and isinstance(args[0], torch.Tensor):
-                self.inputs[name].append(_pick(args[0], target.teacher_in))
+                self.inputs[name].append(_kept_copy(args[0], target.teacher_in, copy_in))
         return hook
 
     def _score(self, name: str, target: _Target) -> Callable:
@@ -347,7 +354,9 @@ class _Hooks:
             # a silent layer (e.g. a zero-initialised scale) has no relative error; the test stays
             # on the device (no host sync per layer), the clamp keeps the unused branch finite
             silent = 1e-12 * ref.numel()
-            error = nn.functional.mse_loss(out, ref, reduction="sum")  # one fused kernel each way
+            # a norm saves only the fresh difference for backward (a later in-place op may still
+            # modify ``out``) and differentiates in one kernel, with a zero gradient at zero error
+            error = torch.linalg.vector_norm(out - ref).square()
             self.terms.append(torch.where(energy > silent, error / energy.clamp_min(silent), 0.0))
         return hook
 
@@ -357,6 +366,33 @@ class _Hooks:
                 return None
             return (self.inputs[name].popleft(),) + tuple(args[1:])
         return hook
+
+
+def _modified_in_place(model: nn.Module, names: list[str], x: torch.Tensor) -> set[tuple[str, str]]:
+    """(layer, "out" or "in") for each layer output or input that the rest of the forward on
+    ``x`` modifies in place (its version counter moves after the layer has returned)."""
+    seen: list[tuple[str, str, torch.Tensor, int]] = []
+    handles = []
+    for name in names:
+        def hook(module: nn.Module, args: tuple, out: Any, name: str = name) -> None:
+            if isinstance(out, torch.Tensor):
+                seen.append((name, "out", out, out._version))
+            if args and isinstance(args[0], torch.Tensor):
+                seen.append((name, "in", args[0], args[0]._version))
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        try:
+            model(x)
+        finally:
+            for h in handles:
+                h.remove()
+    return {(name, kind) for name, kind, t, version in seen if t._version != version}
+
+
+def _kept_copy(t: torch.Tensor, sel: Select, mutated: bool) -> torch.Tensor:
+    """The selected channels of a recorded teacher tensor, copied if the forward will modify it."""
+    picked = _pick(t, sel)
+    return picked.clone() if mutated and picked is t else picked
 
 
 def _energy(t: torch.Tensor) -> torch.Tensor:

@@ -121,10 +121,56 @@ def test_teacher_selection_matches_unchanged_layers():
     with torch.no_grad():
         assert torch.allclose(pruned.features[0][0](x), model.features[0][0](x).index_select(1, idx))
     targets = {"features.0.0": _Target(teacher_out=sel["features.0.0"][1])}
-    with _Hooks(pruned, model, targets, feed=False) as hooks:
+    with _Hooks(pruned, model, targets, feed=False, example=x[:1]) as hooks:
         assert hooks.loss(x).item() < 1e-12
-    with _Hooks(copy.deepcopy(model), model, {n: _Target() for n in sel}, feed=False) as hooks:
+    with _Hooks(copy.deepcopy(model), model, {n: _Target() for n in sel}, feed=False, example=x[:1]) as hooks:
         assert hooks.loss(x).item() == 0
+
+
+class _InPlace(nn.Module):
+    """Hooked outputs that later ops modify in place (an in-place activation after a norm, an
+    in-place residual add on a conv's output), as timm's blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.conv2 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu_(self.bn(self.conv(x)))
+        z = self.conv2(y)
+        z += y
+        return z
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a = self.conv(x)
+        b = self.bn(a)
+        return [a, b, self.conv2(b.relu())]
+
+
+def test_loss_survives_in_place_ops_and_matches_the_formula():
+    """The hooked loss is Σ ||student − teacher||² / ||teacher||² over the layers' outputs as they
+    leave each layer, with the right gradient even when later ops modify those outputs in place."""
+    torch.manual_seed(0)
+    teacher = _InPlace().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, 2, 5, 5)
+    names = ("conv", "bn", "conv2")
+    with _Hooks(student, teacher, {n: _Target() for n in names}, feed=False, example=x[:1]) as hooks:
+        assert hooks.mutated == {("bn", "out"), ("conv2", "out")}
+        loss = hooks.loss(x)
+    loss.backward()
+    got = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    with torch.no_grad():
+        refs = teacher.outputs(x)
+    want = sum((s - t).pow(2).sum() / t.pow(2).sum() for s, t in zip(student.outputs(x), refs))
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for g, p in zip(got, student.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_doomed_masks_cover_rows_columns_and_norm():
