@@ -380,7 +380,7 @@ def _modified_in_place(model: nn.Module, names: list[str], x: torch.Tensor) -> s
             if args and isinstance(args[0], torch.Tensor):
                 seen.append((name, "in", args[0], args[0]._version))
         handles.append(model.get_submodule(name).register_forward_hook(hook))
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():  # eval: one image, and no running statistics touched
         try:
             model(x)
         finally:

@@ -15,8 +15,8 @@ from torch import nn
 
 import ptsp
 from ptsp.groups import build_groups
-from ptsp.reconstruction import (Reconstruction, _Hooks, _param_groups, _selections, _Target,
-                                 doomed_masks, reestimate_bn)
+from ptsp.reconstruction import (Reconstruction, _Hooks, _modified_in_place, _param_groups,
+                                 _selections, _Target, doomed_masks, reestimate_bn)
 from ptsp.surgery import apply, kept_indices
 
 from nets import OutOfOrder, SmallCNN
@@ -171,6 +171,15 @@ def test_loss_survives_in_place_ops_and_matches_the_formula():
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     for g, p in zip(got, student.parameters()):
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_in_place_probe_leaves_a_training_model_as_it_was():
+    """The probe runs one image in eval mode (BatchNorm in train mode cannot take it, and its
+    running statistics must not move)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).train()
+    before = model[1].running_mean.clone()
+    assert _modified_in_place(model, ["0", "1"], torch.randn(1, 2, 1, 1)) == {("1", "out")}
+    assert model.training and torch.equal(model[1].running_mean, before)
 
 
 def test_doomed_masks_cover_rows_columns_and_norm():
