@@ -36,9 +36,10 @@ UNMAPPED = "unmapped"
 
 @dataclasses.dataclass(frozen=True)
 class Reconstruction:
-    """Settings of the calibrated methods (method.md §3–4). The defaults are the measured best
+    """Settings of the calibrated methods (method.md §3–4). The defaults are chosen by measurement
     (recipes/results/ablation.md): the authors' loss choices (replace-gradient penalty, every
-    channel as a phase-1 target) with explicit BatchNorm re-estimation and execution order.
+    channel as a phase-1 target), which beat the paper's, with explicit BatchNorm re-estimation
+    and execution order (BatchNorm in train mode gave no consistent gain).
     ``Reconstruction.authors()`` gives every reconstruction choice of the PSP authors' code (their
     plan is ``importance="l2"``).
 

@@ -91,8 +91,10 @@ def write_report() -> None:
              "Regenerate: `python recipes/ablation.py` (CPU). Top-1 (%) on the 10k test images after "
              "psp pruning with one `ptsp.Reconstruction` field changed from the defaults; same 512 "
              "unlabeled calibration images for every row. importance is the option given to "
-             "`ptsp.prune` (rows before `importance=\"auto\"` existed say l2), plan the criterion "
-             "it planned with; \"vs defaults\" compares with the defaults row of the same option.", "",
+             "`ptsp.prune` (rows before `importance=\"auto\"` existed say l2; they also predate the fix "
+             "that copies teacher outputs later modified in place, commit 3e1e14b), plan the "
+             "criterion it planned with; \"vs defaults\" compares with the defaults row of the same "
+             "option.", "",
              "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | dense | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r["level"], r["importance"]): float(r["top1"])
