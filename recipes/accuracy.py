@@ -73,9 +73,9 @@ def write_report() -> None:
     lines = ["# Accuracy without retraining (Fashion-MNIST reference models)", "",
              f"Regenerate: `{COMMAND}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
              "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
-             "images and default settings. Δ is psp minus the dense model; plan is the importance "
-             "criterion of the calibrated methods' plan (rows measured before `importance=\"auto\"` "
-             "became the default say l2).", ""]
+             "images and default settings. Δ is psp minus the dense model; plan is the criterion that "
+             "the default `importance=\"auto\"` chose for the calibrated methods (magnitude always "
+             "plans with l2).", ""]
     trained = []
     for name in models:
         if (reference.CACHE / f"{name}.safetensors").exists():
