@@ -3,9 +3,10 @@ no hooks, loss bookkeeping, planning or surgery.
 
 The floor replays, on the same model and data, what the pipeline must compute: phase 1 (teacher
 forward, student forward and backward, Adam step) on the dense model, phase 2 the same on the
-pruned model, the two BatchNorm re-estimation forwards, and the passes of the default
-``importance="auto"``: a Taylor forward and backward (again after phase 1 when it picks taylor), the
-original's forward and, per candidate plan, a BatchNorm re-estimation and an evaluation forward.
+pruned model (both under the pipeline's bfloat16 autocast where it applies), the two BatchNorm
+re-estimation forwards, and the passes of the default ``importance="auto"``: a Taylor forward and
+backward (again after phase 1 when it picks taylor), the original's forward and, per candidate
+plan, a BatchNorm re-estimation and an evaluation forward.
 The ratio is pipeline / floor (target ≤ 1.3). Writes ``recipes/results/bench_prune.md``.
 
     python recipes/bench_prune.py --model resnet18 --size 224 --samples 256
@@ -22,6 +23,7 @@ import timm
 import torch
 
 import ptsp
+from ptsp.reconstruction import autocast
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,10 +35,12 @@ def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list
         optimiser = torch.optim.Adam(student.parameters(), settings.lr)
         for _ in range(n):
             for x in batches:
-                with torch.no_grad():
-                    teacher(x)
+                with autocast(x.device, settings.amp):
+                    with torch.no_grad():
+                        teacher(x)
+                    out = student(x)
                 optimiser.zero_grad()
-                student(x).float().pow(2).mean().backward()
+                out.float().pow(2).mean().backward()
                 optimiser.step()
 
     teacher = copy.deepcopy(model).eval()
