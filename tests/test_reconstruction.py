@@ -149,15 +149,20 @@ class _InPlace(nn.Module):
         return [a, b, self.conv2(b.relu())]
 
 
-def test_loss_survives_in_place_ops_and_matches_the_formula():
-    """The hooked loss is Σ ||student − teacher||² / ||teacher||² over the layers' outputs as they
-    leave each layer, with the right gradient even when later ops modify those outputs in place."""
+def _teacher_and_student() -> tuple[_InPlace, _InPlace]:
     torch.manual_seed(0)
     teacher = _InPlace().eval()
     student = copy.deepcopy(teacher)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return teacher, student
+
+
+def test_loss_survives_in_place_ops_and_matches_the_formula():
+    """The hooked loss is Σ ||student − teacher||² / ||teacher||² over the layers' outputs as they
+    leave each layer, with the right gradient even when later ops modify those outputs in place."""
+    teacher, student = _teacher_and_student()
     x = torch.randn(3, 2, 5, 5)
     names = ("conv", "bn", "conv2")
     with _Hooks(student, teacher, {n: _Target() for n in names}, feed=False, example=x[:1]) as hooks:
@@ -178,12 +183,7 @@ def test_loss_survives_in_place_ops_and_matches_the_formula():
 def test_loss_is_the_formula_for_every_batch_size_in_reused_buffers():
     """The teacher's outputs go into buffers reused from step to step; a smaller batch uses
     their front, and each step's loss is still the formula's."""
-    torch.manual_seed(0)
-    teacher = _InPlace().eval()
-    student = copy.deepcopy(teacher)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    teacher, student = _teacher_and_student()
     with _Hooks(student, teacher, {n: _Target() for n in ("conv", "bn", "conv2")}, feed=False,
                 example=torch.randn(1, 2, 5, 5)) as hooks:
         for n in (4, 3, 4):
