@@ -117,8 +117,15 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     def plan_for(source: nn.Module, criterion: str) -> Callable[[set[int]], np.ndarray]:
         with clock("importance"):
             ranked = scores(groups, source, criterion, batches, settings.micro_batch)
-        return lambda skip: select(groups, ranked, ratio, target, estimator=estimator,
+        made: dict[frozenset[int], np.ndarray] = {}  # "auto" asks again for the plan it chose
+
+        def plan(skip: set[int]) -> np.ndarray:
+            key = frozenset(skip)
+            if key not in made:
+                made[key] = select(groups, ranked, ratio, target, estimator=estimator,
                                    max_ratio=max_ratio, round_to=round_to, skip=skip)
+            return made[key]
+        return plan
 
     report: dict[str, Any] = {}
     criterion = "l2" if importance == "auto" and not _gives_logits(model, batches) else importance
@@ -151,7 +158,7 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
             with clock("phase2"):
                 report["phase2"] = phase2(pruned, teacher, batches, kept, settings,
                                           layerwise=method == "layerwise")
-            if settings.bn == "reestimate":
+            if settings.bn in ("reestimate", "train+reestimate"):
                 with clock("bn"):
                     reestimate_bn(pruned, batches)
         report["samples"] = int(sum(len(b) for b in batches))

@@ -83,7 +83,7 @@ class Reconstruction:
     def __post_init__(self) -> None:
         choices = {"penalty": ("l2", "replace"), "phase1_targets": ("kept", "all"),
                    "balance": ("phase2", "both", "none"), "order": ("execution", "registration"),
-                   "bn": ("reestimate", "train", "none")}
+                   "bn": ("reestimate", "train", "train+reestimate", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Reconstruction.{name} must be one of {allowed}, "
@@ -220,7 +220,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     if passes == 0 or not targets:
         return report
     device = device_of(student)
-    train_bn = settings.bn == "train"
+    train_bn = settings.bn.startswith("train")
     _set_modes(student, train_bn)
     _set_modes(teacher, train_bn)
     param_groups = _param_groups(student, batches[0][:1].to(device), settings.lr, balanced,

@@ -36,6 +36,7 @@ SINGLE: dict[str, dict] = {
     "balance=none": {"balance": "none"},
     "order=registration": {"order": "registration"},
     "bn=train": {"bn": "train"},
+    "bn=train+reestimate": {"bn": "train+reestimate"},
     "bn=none": {"bn": "none"},
 }
 #: the paper's loss choices (the defaults until this ablation favoured the authors' code)

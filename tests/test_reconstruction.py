@@ -269,6 +269,23 @@ def test_reestimate_bn_gives_exact_statistics():
     assert torch.allclose(model[1].running_mean, y.mean((0, 2, 3)), atol=1e-5)
 
 
+@pytest.mark.parametrize("bn,exact", [("reestimate", True), ("train+reestimate", True), ("train", False)])
+def test_bn_settings_end_with_the_statistics_they_promise(trained, fmnist, bn, exact):
+    """Explicit re-estimation leaves the exact calibration statistics of the returned weights;
+    train mode leaves the momentum averages of the reconstruction (the authors' code)."""
+    calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
+    settings = Reconstruction(phase1_passes=1, phase2_passes=1, progress=False, bn=bn)
+    pruned = ptsp.prune(trained, calib, 0.5, reconstruction=settings)
+    assert not pruned.training
+    reference = copy.deepcopy(pruned)
+    reestimate_bn(reference, ptsp.data.read_batches(calib))
+    norms = [(a, b) for a, b in zip(pruned.modules(), reference.modules()) if isinstance(a, nn.BatchNorm2d)]
+    assert norms
+    same = all(torch.allclose(a.running_mean, b.running_mean, atol=1e-5)
+               and torch.allclose(a.running_var, b.running_var, rtol=1e-4) for a, b in norms)
+    assert same == exact
+
+
 def test_micro_batches_give_the_same_result(trained, fmnist):
     calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
     # float32: bfloat16 kernels may round differently for another batch size
