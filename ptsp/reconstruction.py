@@ -57,7 +57,9 @@ class Reconstruction:
             "registration" (module definition order, the code's choice).
         bn: "reestimate": teacher and student in eval mode, BatchNorm statistics re-estimated on
             the calibration data after removal and at the end; "train": both models' BatchNorms in
-            train mode throughout (the code, which re-estimates them implicitly); "none".
+            train mode throughout (the code, which re-estimates them implicitly);
+            "train+reestimate": train mode throughout, then the statistics of the final weights
+            re-estimated exactly; "none".
         micro_batch: split each batch into pieces of this size: the same gradient with less
             memory, for one more teacher pass per batch.
         amp: bfloat16 autocast for the reconstruction passes where the hardware runs bfloat16
