@@ -19,6 +19,8 @@ import training
 from training import SIZE
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "reference"
+#: the training metadata of every reference model trained, kept in the repo (the cache is not)
+TRAINED = Path(__file__).resolve().parent / "results" / "reference.json"
 SHIPPED = Path(__file__).resolve().parent.parent / "calib_data"
 #: timm name → creation arguments beyond num_classes / in_chans (a 32×32 ViT needs small patches)
 MODELS: dict[str, dict] = {
@@ -50,9 +52,13 @@ def load(name: str) -> torch.nn.Module:
 
 
 def metadata(name: str) -> dict[str, str]:
-    """How the cached reference model was trained: epochs, seconds, top-1, seed, normalisation."""
-    with safetensors.safe_open(str(CACHE / f"{name}.safetensors"), "pt") as f:
-        return f.metadata()
+    """How the reference model was trained: epochs, seconds, top-1, seed, normalisation (from the
+    cache, else from the record of the last training, which outlives the cache)."""
+    path = CACHE / f"{name}.safetensors"
+    if path.exists():
+        with safetensors.safe_open(str(path), "pt") as f:
+            return f.metadata()
+    return json.loads(TRAINED.read_text()).get(name, {}) if TRAINED.exists() else {}
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
@@ -78,6 +84,8 @@ def train(name: str, epochs: int, batch: int, lr: float, seed: int,
         tmp = CACHE / f"{name}.safetensors.tmp"
         safetensors.torch.save_model(model, str(tmp), metadata=meta)
         tmp.replace(CACHE / f"{name}.safetensors")
+        record = json.loads(TRAINED.read_text()) if TRAINED.exists() else {}
+        TRAINED.write_text(json.dumps({**record, name: meta}, indent=1, sort_keys=True) + "\n")
         print(json.dumps(meta), flush=True)
     acc.wait_for_everyone()
     return meta

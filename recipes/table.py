@@ -35,3 +35,13 @@ def pyplot():
         print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return None
     return plt
+
+
+def rewrite(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Replace ``path`` with ``rows`` (written to a temporary file first: nothing lost on failure)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
+    tmp.replace(path)
