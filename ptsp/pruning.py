@@ -18,8 +18,8 @@ from .counting import Estimator, count
 from .data import read_batches
 from .groups import Groups, build_groups
 from .importance import DATA_IMPORTANCE, IMPORTANCE, scores
-from .reconstruction import (Reconstruction, device_of, doomed_masks, eval_mode, phase1, phase2,
-                             reestimate_bn)
+from .reconstruction import (Reconstruction, device_of, doomed_masks, eval_mode, join_single_images,
+                             phase1, phase2, reestimate_bn)
 from .selection import TARGETS, select
 from .surgery import Kept, apply, compose, kept_indices
 
@@ -106,6 +106,8 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         inputs = default_inputs(model).to(device)
     if batches is not None:
         _check_fits(model, batches[0][:1].to(device))
+        if method != "bn" and settings.bn.startswith("train"):
+            batches = join_single_images(model, batches)
 
     times: dict[str, float] = {}
     clock = _Clock(times)

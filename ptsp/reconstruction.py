@@ -39,8 +39,10 @@ UNMAPPED = "unmapped"
 class Reconstruction:
     """Settings of the calibrated methods (method.md §3–4). The defaults are chosen by measurement
     (recipes/results/ablation.md): the authors' loss choices (replace-gradient penalty, every
-    channel as a phase-1 target), which beat the paper's, with explicit BatchNorm re-estimation
-    and execution order (BatchNorm in train mode gave no consistent gain).
+    channel as a phase-1 target), which beat the paper's; BatchNorm in train mode during the
+    reconstruction, as the authors' code (both models normalise each batch by its own statistics,
+    so the student's norms follow its changing weights), then the statistics of the returned
+    weights re-estimated exactly; execution order.
     ``Reconstruction.authors()`` gives every reconstruction choice of the PSP authors' code (their
     plan is ``importance="l2"``).
 
@@ -60,8 +62,9 @@ class Reconstruction:
             train mode throughout (the code, which re-estimates them implicitly);
             "train+reestimate": train mode throughout, then the statistics of the final weights
             re-estimated exactly; "none".
-        micro_batch: split each batch into pieces of this size: the same gradient with less
-            memory, for one more teacher pass per batch.
+        micro_batch: split each batch into pieces of this size: less memory for one more
+            teacher pass per batch. With BatchNorm in eval mode the gradient is the same; in train
+            mode each piece is normalised by its own statistics, as a smaller batch would be.
         amp: bfloat16 autocast for the reconstruction passes where the hardware runs bfloat16
             natively: CUDA, and CPUs with AMX or AVX512-BF16 (about 4.5× faster there for
             resnet18); elsewhere it is ignored, as emulated bfloat16 is slower than float32.
@@ -77,7 +80,7 @@ class Reconstruction:
     phase1_targets: str = "all"
     balance: str = "phase2"
     order: str = "execution"
-    bn: str = "reestimate"
+    bn: str = "train+reestimate"
     micro_batch: int | None = None
     amp: bool = True
     progress: bool = True
@@ -103,6 +106,9 @@ class Reconstruction:
         if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
             raise ValueError(f"Reconstruction.micro_batch must be a positive integer or None, "
                              f"got {self.micro_batch!r}")
+        if self.micro_batch == 1 and self.bn.startswith("train"):
+            raise ValueError(f"Reconstruction.micro_batch=1 cannot go with bn={self.bn!r}: "
+                             "BatchNorm in train mode needs two images per batch")
 
     @classmethod
     def authors(cls, **changes: Any) -> "Reconstruction":
@@ -635,7 +641,31 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _pieces(x: torch.Tensor, size: int | None) -> tuple[torch.Tensor, ...]:
-    return (x,) if size is None or size >= len(x) else x.split(size)
+    """``x`` in pieces of ``size`` images; a last piece of one joins the one before (BatchNorm in
+    train mode needs two images)."""
+    if size is None or size >= len(x):
+        return (x,)
+    pieces = list(x.split(size))
+    if len(pieces[-1]) == 1:
+        pieces[-2:] = [torch.cat(pieces[-2:])]
+    return tuple(pieces)
+
+
+def join_single_images(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The calibration batches with each one-image batch (a loader's last, typically) joined to
+    the one before, as BatchNorm in train mode needs two images per batch."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return batches
+    if sum(len(b) for b in batches) < 2:
+        raise ValueError("BatchNorm in train mode needs at least two calibration images; pass "
+                         "more, or Reconstruction(bn='reestimate')")
+    joined: list[torch.Tensor] = []
+    for b in batches:
+        if joined and (len(b) == 1 or len(joined[-1]) == 1):
+            joined[-1] = torch.cat([joined[-1], b])
+        else:
+            joined.append(b)
+    return joined
 
 
 def autocast(device: torch.device, amp: bool = True) -> contextlib.AbstractContextManager:

@@ -27,7 +27,7 @@ import ptsp
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "accuracy.csv"
 FIELDS = ["model", "method", "level", "top1", "dense_top1", "flops", "flops_dense", "params",
-          "params_dense", "seconds", "importance"]
+          "params_dense", "seconds", "importance", "bn"]
 METHODS = ("magnitude", "bn", "layerwise", "global", "psp")
 COMMAND = "python recipes/reference.py && python recipes/accuracy.py"
 
@@ -60,7 +60,8 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
                        "dense_top1": dense_row["top1"], "flops": plan["flops"]["after"],
                        "flops_dense": plan["flops"]["before"], "params": plan["params"]["after"],
                        "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}",
-                       "importance": plan["importance"]}
+                       "importance": plan["importance"],
+                       "bn": (plan["reconstruction"] or {}).get("bn", "")}
                 print(row, flush=True)
                 table.append(CSV, FIELDS, row)
         write_report()
@@ -89,7 +90,8 @@ def write_report() -> None:
              "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
              "images and default settings. Δ is psp minus the dense model; plan is the criterion that "
              "the default `importance=\"auto\"` chose for the calibrated methods (magnitude always "
-             "plans with l2).", ""]
+             "plans with l2); bn is the `Reconstruction.bn` default the psp row ran with (rows made "
+             "before a change of default keep the one they ran with).", ""]
     trained = []
     for name in models:
         if "epochs" in reference.metadata(name):
@@ -97,7 +99,8 @@ def write_report() -> None:
     if trained:
         lines += ["Reference training (`recipes/reference.py --epochs N`): " + ", ".join(trained)
                   + ". Seconds are wall time on the shared 2-core CPU.", ""]
-    header = "| model | dense | level | " + " | ".join(METHODS) + " | psp Δ | plan | params kept | psp seconds |"
+    header = ("| model | dense | level | " + " | ".join(METHODS)
+              + " | psp Δ | plan | bn | params kept | psp seconds |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name in models:
         for level in levels:
@@ -114,8 +117,9 @@ def write_report() -> None:
             kept = f"{int(any_row['params']) / int(any_row['params_dense']):.0%}"
             secs = cell["psp"]["seconds"] if "psp" in cell else "–"
             plan = cell["psp"].get("importance") or "–" if "psp" in cell else "–"
+            bn = cell["psp"].get("bn") or "–" if "psp" in cell else "–"
             lines.append(f"| {name} | {dense:.2f} | −{float(level):.0%} FLOPs | " + " | ".join(shown)
-                         + f" | {delta} | {plan} | {kept} | {secs} |")
+                         + f" | {delta} | {plan} | {bn} | {kept} | {secs} |")
     (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n\n![accuracy vs FLOPs](accuracy.png)\n")
     _plot(rows, models)
 

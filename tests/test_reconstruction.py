@@ -17,8 +17,8 @@ from torch import nn
 import ptsp
 from ptsp.groups import build_groups
 from ptsp.reconstruction import (_CHUNK, Reconstruction, _Hooks, _modified_in_place,
-                                 _param_groups, _RelativeError, _selections, _Target,
-                                 doomed_masks, reestimate_bn)
+                                 _param_groups, _pieces, _RelativeError, _selections, _Target,
+                                 doomed_masks, join_single_images, reestimate_bn)
 from ptsp.surgery import apply, kept_indices
 
 from nets import OutOfOrder, SmallCNN
@@ -286,10 +286,26 @@ def test_bn_settings_end_with_the_statistics_they_promise(trained, fmnist, bn, e
     assert same == exact
 
 
+def test_single_images_join_a_neighbour_for_batchnorm_in_train_mode(trained, fmnist):
+    sizes = lambda bs: [len(b) for b in bs]
+    x = fmnist[0]
+    assert sizes(join_single_images(trained, [x[:1], x[:4], x[:1]])) == [6]
+    assert sizes(join_single_images(trained, [x[:4], x[:1], x[:4]])) == [5, 4]
+    assert sizes(join_single_images(nn.Linear(2, 2), [x[:4], x[:1]])) == [4, 1]  # no BatchNorm
+    assert sizes(_pieces(x[:9], 4)) == [4, 5] and sizes(_pieces(x[:9], 3)) == [3, 3, 3]
+    with pytest.raises(ValueError, match="two calibration images"):
+        join_single_images(trained, [x[:1]])
+    # a loader whose last batch holds one image, pieces that would leave one: both run
+    settings = Reconstruction(phase1_passes=1, phase2_passes=1, progress=False, micro_batch=4)
+    pruned = ptsp.prune(trained, [x[:9], x[9:10]], 0.5, reconstruction=settings)
+    assert ptsp.plan_of(pruned)["report"]["samples"] == 10
+
+
 def test_micro_batches_give_the_same_result(trained, fmnist):
     calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
     # float32: bfloat16 kernels may round differently for another batch size
-    settings = Reconstruction(phase1_passes=1, phase2_passes=1, progress=False, amp=False)
+    settings = Reconstruction(phase1_passes=1, phase2_passes=1, progress=False, amp=False,
+                              bn="reestimate")
     a = ptsp.prune(trained, calib, 0.5, reconstruction=settings)
     b = ptsp.prune(trained, calib, 0.5,
                    reconstruction=dataclasses.replace(settings, micro_batch=8))
@@ -320,6 +336,7 @@ def test_non_finite_loss_stops_and_restores(trained, fmnist):
     ({"penalty": "l1"}, "penalty"), ({"bn": "freeze"}, "bn"), ({"phase1_passes": -1}, "phase1_passes"),
     ({"lr": 0}, "lr"), ({"lmbda": float("nan")}, "lmbda"), ({"micro_batch": 0}, "micro_batch"),
     ({"balance": "all"}, "balance"), ({"order": "random"}, "order"), ({"phase1_targets": "x"}, "phase1_targets"),
+    ({"micro_batch": 1}, "two images"),
 ])
 def test_bad_settings(changes, match):
     with pytest.raises(ValueError, match=match):
