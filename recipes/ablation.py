@@ -99,8 +99,9 @@ def write_report() -> None:
              "that copies teacher outputs later modified in place, commit 3e1e14b), plan the "
              "criterion it planned with; \"vs defaults\" compares with the defaults row of the same "
              "option and reference model (a retrained reference model, with another dense top-1, "
-             "has rows of its own). The defaults rows up to commit 6a48918 ran `bn=\"reestimate\"`, "
-             "the default until `\"train+reestimate\"` replaced it.", "",
+             "has rows of its own). Defaults rows ran the defaults of their day: every one but "
+             "densenet121's at dense 86.60 ran `bn=\"reestimate\"`, the default until "
+             "`\"train+reestimate\"` replaced it.", "",
              "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | dense | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r["level"], r["importance"], r["dense_top1"]): float(r["top1"])
