@@ -98,7 +98,8 @@ def write_report() -> None:
             trained.append(f"{name}: {reference.metadata(name)['epochs']} epoch(s)")
     if trained:
         lines += ["Reference training (`recipes/reference.py --epochs N`): " + ", ".join(trained)
-                  + ". Seconds are wall time on the shared 2-core CPU.", ""]
+                  + ". Seconds are wall time on a shared 2-core CPU, not always the same one: "
+                  "compare them within a model, not across.", ""]
     header = ("| model | dense | level | " + " | ".join(METHODS)
               + " | psp Δ | plan | bn | params kept | psp seconds |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
