@@ -98,6 +98,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
         raise ValueError(f"{path} is corrupted: {exc}") from None
     if _digest(tensors) != meta["digest"]:
         raise ValueError(f"{path} is corrupted: its tensors do not match the digest written with them")
+    # torch's CPU allocator aligns every tensor to 64 bytes; the file's tensors may sit anywhere,
+    # and some kernels round differently on unaligned data (their vector body and scalar tail
+    # split at other elements). Aligned copies keep the outputs bit-identical to the saved model.
+    tensors = {k: t if t.data_ptr() % 64 == 0 else t.clone() for k, t in tensors.items()}
     tensors.update({alias: tensors[name] for alias, name in aliases.items()})
     # Fast path: a timm base built on the meta device (no init, no memory) receives the file's
     # tensors as they are. Ties, and buffers the file does not hold, need a real base.

@@ -48,6 +48,8 @@ def test_round_trip_is_bit_identical_and_keeps_the_plan(pruned, saved):
     assert meta["format"] == "ptsp" and meta["ptsp_version"] == ptsp.__version__
     assert base["timm"] == "resnet18" and base["args"] == {"num_classes": 10, "in_chans": 1}
     assert json.loads(meta["plan"])["method"] == "magnitude"
+    # as torch allocates them: on unaligned data some CPU kernels round differently
+    assert all(t.data_ptr() % 64 == 0 for t in loaded.state_dict().values())
 
 
 def test_fresh_process_gives_identical_outputs(pruned, saved, tmp_path):
