@@ -9,6 +9,7 @@ would have taken (per-epoch seeded shuffling, per-step seeded augmentation).
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import math
@@ -100,9 +101,13 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def accelerator() -> Accelerator:
-    """An accelerator for the recipes: gloo processes on a CPU-only machine, seeded shuffling."""
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    """An accelerator for the recipes: gloo processes on a CPU-only machine, seeded shuffling.
+    Each process leaves the process group when its script ends: a rank that exits with gloo's
+    threads still running can abort ("terminate called without an active exception")."""
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    atexit.register(acc.end_training)
+    return acc
 
 
 def loader(dataset: Dataset, batch: int, seed: int, shuffle: bool = True) -> DataLoader:
