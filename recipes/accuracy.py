@@ -94,8 +94,9 @@ def write_report() -> None:
              "before a change of default keep the one they ran with).", ""]
     trained = []
     for name in models:
-        if "epochs" in reference.metadata(name):
-            trained.append(f"{name}: {reference.metadata(name)['epochs']} epoch(s)")
+        epochs = reference.metadata(name).get("epochs")
+        if epochs:
+            trained.append(f"{name}: {epochs} epoch(s)")
     if trained:
         lines += ["Reference training (`recipes/reference.py --epochs N`): " + ", ".join(trained)
                   + ". Seconds are wall time on a shared 2-core CPU, not always the same one: "
