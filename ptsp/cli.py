@@ -274,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.5, help="fraction to remove (default 0.5)")
     p.add_argument("--target", choices=["channels", "flops", "params"], default="flops")
     p.add_argument("--round-to", type=int, default=1, help="kept widths are multiples of this")
-    p.add_argument("--max-ratio", type=float, default=1.0, help="most one group may lose")
+    p.add_argument("--max-ratio", type=float, default=0.9, help="most one group may lose")
     p.add_argument("--method", choices=["psp", "global", "layerwise", "bn", "magnitude"],
                    default="psp", help="default psp; magnitude needs no calibration data")
     p.add_argument("--calib", help="calibration images: a folder (images or parquet) or a datasets name")

@@ -8,7 +8,9 @@ Each criterion returns one score per channel of the group (higher = more importa
 * Taylor reads ``w·∂L/∂w`` on calibration batches, where L is the cross-entropy of the model
   against its own predictions (no labels needed). Its score estimates the loss change when the
   channel is removed, in the same units for every group, so it is ranked unnormalised and spares
-  the groups the model cannot do without (narrow stems and residual streams).
+  the groups the model cannot do without (narrow stems and residual streams). Being first-order,
+  it can also rank nearly all of a wide group below the rest (mobilenetv3's 1280-channel head):
+  ``prune``'s max_ratio keeps such a group from being stripped.
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def default_inputs(model: nn.Module) -> torch.Tensor:
 def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float = 0.5, *,
           method: str = "psp", target: str = "channels", importance: str | None = None,
           reconstruction: Reconstruction | None = None, example_inputs: Any = None,
-          max_ratio: float = 1.0, round_to: int = 1,
+          max_ratio: float = 0.9, round_to: int = 1,
           ignored_layers: Iterable[nn.Module | str] = ()) -> nn.Module:
     """Return a physically smaller copy of ``model`` that keeps its function without retraining;
     ``model`` itself is not modified.
@@ -63,7 +63,10 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         reconstruction: settings of the calibrated methods (:class:`Reconstruction`).
         example_inputs: input used to trace the model; defaults to the first calibration image,
             or one random image of the timm data config's size.
-        max_ratio: most a single group may lose (every group keeps at least one channel).
+        max_ratio: most a single group may lose (every group keeps at least one channel). Below
+            1, as a global ranking can otherwise strip a group whose channels all score low:
+            taylor's ranking left mobilenetv3's conv_head 1 of its 1280 channels at 70% fewer
+            FLOPs (top-1 at chance, against 67.46 with 0.9).
         round_to: kept widths are multiples of this (hardware-friendly widths).
         ignored_layers: modules (or their names) whose channels are never pruned.
 

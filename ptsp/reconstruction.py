@@ -42,7 +42,8 @@ class Reconstruction:
     channel as a phase-1 target), which beat the paper's; BatchNorm in train mode during the
     reconstruction, as the authors' code (both models normalise each batch by its own statistics,
     so the student's norms follow its changing weights), then the statistics of the returned
-    weights re-estimated exactly; execution order.
+    weights re-estimated exactly; execution order; a learning rate of 3e-3, three times the
+    authors', which kept more accuracy on most reference models and levels measured.
     ``Reconstruction.authors()`` gives every reconstruction choice of the PSP authors' code (their
     plan is ``importance="l2"``).
 
@@ -73,7 +74,7 @@ class Reconstruction:
 
     phase1_passes: int = 20
     phase2_passes: int = 10
-    lr: float = 1e-3
+    lr: float = 3e-3
     penalty: str = "replace"
     lmbda: float = 0.02
     lmbda_step: float = 0.02
@@ -113,8 +114,8 @@ class Reconstruction:
     @classmethod
     def authors(cls, **changes: Any) -> "Reconstruction":
         """The settings of the PSP authors' code (replace-gradient penalty, every channel as a
-        phase-1 target, registration order, BatchNorm in train mode)."""
-        return dataclasses.replace(cls(order="registration", bn="train"), **changes)
+        phase-1 target, registration order, BatchNorm in train mode, learning rate 1e-3)."""
+        return dataclasses.replace(cls(order="registration", bn="train", lr=1e-3), **changes)
 
 
 Select = tuple[int, torch.Tensor] | None | str

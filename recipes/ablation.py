@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import time
 from pathlib import Path
 
@@ -27,7 +28,11 @@ import ptsp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "ablation.csv"
-FIELDS = ["model", "level", "variant", "top1", "dense_top1", "seconds", "importance", "plan"]
+FIELDS = ["model", "level", "variant", "top1", "dense_top1", "seconds", "importance", "plan", "defaults"]
+#: the defaults a row's variant departs from (rows made before this column existed: empty)
+DEFAULTS = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(ptsp.Reconstruction()).items()
+                    if k != "progress") \
+    + f" max_ratio={inspect.signature(ptsp.prune).parameters['max_ratio'].default}"
 #: single changes from the defaults
 SINGLE: dict[str, dict] = {
     "penalty=l2": {"penalty": "l2"},
@@ -39,6 +44,8 @@ SINGLE: dict[str, dict] = {
     "bn=train+reestimate": {"bn": "train+reestimate"},
     "bn=reestimate": {"bn": "reestimate"},
     "bn=none": {"bn": "none"},
+    "lr=1e-3": {"lr": 1e-3},
+    "lr=3e-3": {"lr": 3e-3},
 }
 #: the paper's loss choices (the defaults until this ablation favoured the authors' code)
 L2_KEPT = {"penalty": "l2", "phase1_targets": "kept"}
@@ -61,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     # a retrained reference model (another dense top-1) is another model: it gets its own rows
-    done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"])
+    done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"], r.get("defaults") or "")
             for r in table.rows(CSV)}
     RESULTS.mkdir(exist_ok=True)
     test_images, test_labels = fashion_mnist.load("test")
@@ -74,7 +81,7 @@ def main() -> None:
             fashion_mnist.prepare(train_images, reference.SIZE, mean, std), 512, 64, seed=0)
         dense = reference.evaluate(model, test_x, test_labels)
         for variant in args.variants:
-            if (name, str(args.level), variant, args.importance, f"{dense:.2f}") in done:
+            if (name, str(args.level), variant, args.importance, f"{dense:.2f}", DEFAULTS) in done:
                 continue
             settings = ptsp.Reconstruction(**{**VARIANTS[variant], "progress": False})
             t0 = time.perf_counter()
@@ -83,7 +90,8 @@ def main() -> None:
             row = {"model": name, "level": str(args.level), "variant": variant,
                    "importance": args.importance, "plan": ptsp.plan_of(pruned)["importance"],
                    "top1": f"{reference.evaluate(pruned, test_x, test_labels):.2f}",
-                   "dense_top1": f"{dense:.2f}", "seconds": f"{time.perf_counter() - t0:.0f}"}
+                   "dense_top1": f"{dense:.2f}", "seconds": f"{time.perf_counter() - t0:.0f}",
+                   "defaults": DEFAULTS}
             print(row, flush=True)
             table.append(CSV, FIELDS, row)
     write_report()
@@ -98,16 +106,20 @@ def write_report() -> None:
              "`ptsp.prune` (rows before `importance=\"auto\"` existed say l2; they also predate the fix "
              "that copies teacher outputs later modified in place, commit 3e1e14b), plan the "
              "criterion it planned with; \"vs defaults\" compares with the defaults row of the same "
-             "option and reference model (a retrained reference model, with another dense top-1, "
-             "has rows of its own). Defaults rows ran the defaults of their day: every one but "
-             "densenet121's at dense 86.60 ran `bn=\"reestimate\"`, the default until "
-             "`\"train+reestimate\"` replaced it.", "",
+             "option, reference model and defaults (a retrained reference model, with another dense "
+             "top-1, has rows of its own, and so does each set of defaults: the CSV's defaults column "
+             "records them). Rows from before that column ran the defaults of their day: every "
+             "defaults row but densenet121's at dense 86.60 and mobilenetv3_large_100's at 71.81 "
+             "ran `bn=\"reestimate\"`, the default until `\"train+reestimate\"` replaced it, and "
+             "all of them `lr=1e-3` and `max_ratio=1.0`.", "",
              "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | dense | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["model"], r["level"], r["importance"], r["dense_top1"]): float(r["top1"])
-            for r in rows if r["variant"] == "defaults"}
+    def key(r: dict) -> tuple:
+        return r["model"], r["level"], r["importance"], r["dense_top1"], r.get("defaults") or ""
+
+    base = {key(r): float(r["top1"]) for r in rows if r["variant"] == "defaults"}
     for r in rows:
-        ref = base.get((r["model"], r["level"], r["importance"], r["dense_top1"]))
+        ref = base.get(key(r))
         delta = f"{float(r['top1']) - ref:+.2f}" if ref is not None else "–"
         lines.append(f"| {r['model']} | {float(r['level']):.0%} | {r['importance']} | {r['plan']} | "
                      f"{r['variant']} | {r['top1']} | {delta} | {r['dense_top1']} | {r['seconds']} |")

@@ -13,6 +13,8 @@ the markdown table and the accuracy-vs-FLOPs plot are rewritten from the CSV.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import time
 from pathlib import Path
 
@@ -27,8 +29,14 @@ import ptsp
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "accuracy.csv"
 FIELDS = ["model", "method", "level", "top1", "dense_top1", "flops", "flops_dense", "params",
-          "params_dense", "seconds", "importance", "bn"]
+          "params_dense", "seconds", "importance", "bn", "lr", "max_ratio"]
 METHODS = ("magnitude", "bn", "layerwise", "global", "psp")
+#: the settings each method's result depends on (``prune``'s max_ratio, ``Reconstruction`` fields):
+#: a row that ran with other values than today's defaults is measured again
+SETTINGS = {"magnitude": ("max_ratio",), "bn": ("max_ratio", "bn"),
+            **{m: ("max_ratio", "bn", "lr") for m in ("layerwise", "global", "psp")}}
+#: what rows made before a setting was recorded ran with
+RECORDED_LATER = {"lr": "0.001", "max_ratio": "1.0"}
 COMMAND = "python recipes/reference.py && python recipes/accuracy.py"
 
 
@@ -61,7 +69,8 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
                        "flops_dense": plan["flops"]["before"], "params": plan["params"]["after"],
                        "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}",
                        "importance": plan["importance"],
-                       "bn": (plan["reconstruction"] or {}).get("bn", "")}
+                       **{f: str((plan["reconstruction"] or {}).get(f, "")) for f in ("bn", "lr")},
+                       "max_ratio": str(plan["max_ratio"])}
                 print(row, flush=True)
                 table.append(CSV, FIELDS, row)
         write_report()
@@ -69,12 +78,22 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
 
 def _keep_rows_of(name: str, dense: str) -> set[tuple[str, str, str]]:
     """The (model, method, level) rows already measured. Rows of ``name`` measured on another
-    reference model (another dense top-1: it was retrained) are dropped from the CSV."""
+    reference model (another dense top-1: it was retrained) or with other default settings are
+    dropped from the CSV."""
     rows = table.rows(CSV)
-    stale = [r for r in rows if r["model"] == name and r["dense_top1"] != dense]
+    defaults = {**dataclasses.asdict(ptsp.Reconstruction()),
+                "max_ratio": inspect.signature(ptsp.prune).parameters["max_ratio"].default}
+    mine = [r for r in rows if r["model"] == name]
+    retrained = [r for r in mine if r["dense_top1"] != dense]
+    if retrained:
+        print(f"{name}: dropping {len(retrained)} rows of an earlier reference model "
+              f"(dense {retrained[0]['dense_top1']}, now {dense})", flush=True)
+    changed = [r for r in mine if r not in retrained and any(
+        (r.get(f) or RECORDED_LATER.get(f, "")) != str(defaults[f]) for f in SETTINGS.get(r["method"], ()))]
+    if changed:
+        print(f"{name}: measuring {len(changed)} rows again, as the default settings changed", flush=True)
+    stale = retrained + changed
     if stale:
-        print(f"{name}: dropping {len(stale)} rows of an earlier reference model "
-              f"(dense {stale[0]['dense_top1']}, now {dense})", flush=True)
         table.rewrite(CSV, FIELDS, [r for r in rows if r not in stale])
     return {(r["model"], r["method"], r["level"]) for r in rows if r not in stale}
 
@@ -90,8 +109,9 @@ def write_report() -> None:
              "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
              "images and default settings. Δ is psp minus the dense model; plan is the criterion that "
              "the default `importance=\"auto\"` chose for the calibrated methods (magnitude always "
-             "plans with l2); bn is the `Reconstruction.bn` default the psp row ran with (rows made "
-             "before a change of default keep the one they ran with).", ""]
+             "plans with l2); bn and lr are the `Reconstruction` defaults the psp row ran with, max "
+             "ratio `prune`'s (a model's rows are measured again when a default changes, but the "
+             "table keeps those of models not run since); params kept is psp's.", ""]
     trained = []
     for name in models:
         epochs = reference.metadata(name).get("epochs")
@@ -102,7 +122,7 @@ def write_report() -> None:
                   + ". Seconds are wall time on a shared 2-core CPU, not always the same one: "
                   "compare them within a model, not across.", ""]
     header = ("| model | dense | level | " + " | ".join(METHODS)
-              + " | psp Δ | plan | bn | params kept | psp seconds |")
+              + " | psp Δ | plan | bn | lr | max ratio | params kept | psp seconds |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name in models:
         for level in levels:
@@ -116,12 +136,13 @@ def write_report() -> None:
             shown = [(f"**{tops[m]:.2f}**" if tops[m] == best else f"{tops[m]:.2f}") if m in tops else "–"
                      for m in METHODS]
             delta = f"{tops['psp'] - dense:+.2f}" if "psp" in tops else "–"
-            kept = f"{int(any_row['params']) / int(any_row['params_dense']):.0%}"
-            secs = cell["psp"]["seconds"] if "psp" in cell else "–"
-            plan = cell["psp"].get("importance") or "–" if "psp" in cell else "–"
-            bn = cell["psp"].get("bn") or "–" if "psp" in cell else "–"
+            psp = cell.get("psp", {})
+            kept = f"{int(psp['params']) / int(psp['params_dense']):.0%}" if psp else "–"
+            secs, plan = psp.get("seconds", "–"), psp.get("importance") or "–"
+            bn = psp.get("bn") or "–"
+            lr, cap = ((psp.get(f) or RECORDED_LATER[f]) if psp else "–" for f in ("lr", "max_ratio"))
             lines.append(f"| {name} | {dense:.2f} | −{float(level):.0%} FLOPs | " + " | ".join(shown)
-                         + f" | {delta} | {plan} | {bn} | {kept} | {secs} |")
+                         + f" | {delta} | {plan} | {bn} | {lr} | {cap} | {kept} | {secs} |")
     (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n\n![accuracy vs FLOPs](accuracy.png)\n")
     _plot(rows, models)
 

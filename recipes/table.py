@@ -15,7 +15,12 @@ def rows(path: Path) -> list[dict]:
 
 
 def append(path: Path, fields: list[str], row: dict) -> None:
-    """Add ``row`` to ``path``, writing the header first when the file is new."""
+    """Add ``row`` to ``path``, writing the header first when the file is new. A file with other
+    columns (written by an earlier version of the recipe) is first rewritten with ``fields``."""
+    if path.exists():
+        with path.open() as f:
+            if next(csv.reader(f), None) != fields:
+                rewrite(path, fields, rows(path))
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
