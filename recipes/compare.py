@@ -113,6 +113,7 @@ class Run:
         self.csv = args.results / "compare.csv"
         self.artifacts = args.cache / "compare"
         reference.CACHE = args.cache / "reference"
+        reference.TRAINED = args.results / "reference.json"  # a training here is recorded there
         self.data = training.fashion_mnist_data(args.sample)
         calib_x = self.data.train.tensors[0]
         self.calib = ptsp.data.calibration_loader(calib_x, args.samples, 64, seed=0)
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sample", action="store_true",
                     help="the 3000 + 1000 images committed in calib_data/ instead of 60k + 10k (quick checks)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of compare.csv/.md/.png")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of compare.csv/.md/.png (and reference.json)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="folder of reference models and artifacts")
     ap.add_argument("--report", action="store_true", help="only redraw the table and plots")
     args = ap.parse_args(argv)

@@ -163,6 +163,8 @@ def test_compare_with_two_processes(tmp_path):
     assert float(rows["scratch-b"]["epochs"]) > float(rows["scratch-e"]["epochs"])
     assert "| psp |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0
+    # the reference model trained for this run is recorded with its results, not in the repo's
+    assert json.loads((tmp_path / "reference.json").read_text())["resnet10t"]["epochs"] == "1"
 
 
 def test_train_on_a_datasets_folder(tmp_path):
