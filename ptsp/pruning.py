@@ -66,7 +66,7 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         max_ratio: most a single group may lose (every group keeps at least one channel). Below
             1, as a global ranking can otherwise strip a group whose channels all score low:
             taylor's ranking left mobilenetv3's conv_head 1 of its 1280 channels at 70% fewer
-            FLOPs (top-1 at chance, against 67.46 with 0.9).
+            FLOPs: every method at chance, psp 69.84% with 0.9 (dense 71.81).
         round_to: kept widths are multiples of this (hardware-friendly widths).
         ignored_layers: modules (or their names) whose channels are never pruned.
 
