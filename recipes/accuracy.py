@@ -53,7 +53,7 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
             fashion_mnist.prepare(train_images, reference.SIZE, mean, std), samples, 64, seed=0)
         dense = reference.evaluate(model, test_x, test_labels)
         dense_row = {"model": name, "method": "dense", "level": "0", "top1": f"{dense:.2f}"}
-        done = _keep_rows_of(name, dense_row["top1"])
+        done = _keep_rows_of(name, dense_row["top1"], {(m, str(lv)) for m in methods for lv in levels})
         for level in levels:
             for method in methods:
                 if (name, method, str(level)) in done:
@@ -76,10 +76,10 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
         write_report()
 
 
-def _keep_rows_of(name: str, dense: str) -> set[tuple[str, str, str]]:
+def _keep_rows_of(name: str, dense: str, wanted: set[tuple[str, str]]) -> set[tuple[str, str, str]]:
     """The (model, method, level) rows already measured. Rows of ``name`` measured on another
-    reference model (another dense top-1: it was retrained) or with other default settings are
-    dropped from the CSV."""
+    reference model (another dense top-1: it was retrained) are dropped from the CSV, and so are
+    the ``wanted`` (method, level) rows measured with other default settings."""
     rows = table.rows(CSV)
     defaults = {**dataclasses.asdict(ptsp.Reconstruction()),
                 "max_ratio": inspect.signature(ptsp.prune).parameters["max_ratio"].default}
@@ -88,7 +88,7 @@ def _keep_rows_of(name: str, dense: str) -> set[tuple[str, str, str]]:
     if retrained:
         print(f"{name}: dropping {len(retrained)} rows of an earlier reference model "
               f"(dense {retrained[0]['dense_top1']}, now {dense})", flush=True)
-    changed = [r for r in mine if r not in retrained and any(
+    changed = [r for r in mine if r not in retrained and (r["method"], r["level"]) in wanted and any(
         (r.get(f) or RECORDED_LATER.get(f, "")) != str(defaults[f]) for f in SETTINGS.get(r["method"], ()))]
     if changed:
         print(f"{name}: measuring {len(changed)} rows again, as the default settings changed", flush=True)
