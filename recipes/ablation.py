@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import time
 from pathlib import Path
 
@@ -30,9 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "ablation.csv"
 FIELDS = ["model", "level", "variant", "top1", "dense_top1", "seconds", "importance", "plan", "defaults"]
 #: the defaults a row's variant departs from (rows made before this column existed: empty)
-DEFAULTS = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(ptsp.Reconstruction()).items()
-                    if k != "progress") \
-    + f" max_ratio={inspect.signature(ptsp.prune).parameters['max_ratio'].default}"
+DEFAULTS = " ".join(f"{k}={v}" for k, v in table.defaults().items() if k != "progress")
 #: single changes from the defaults
 SINGLE: dict[str, dict] = {
     "penalty=l2": {"penalty": "l2"},

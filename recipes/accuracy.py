@@ -13,8 +13,6 @@ the markdown table and the accuracy-vs-FLOPs plot are rewritten from the CSV.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import time
 from pathlib import Path
 
@@ -81,8 +79,7 @@ def _keep_rows_of(name: str, dense: str, wanted: set[tuple[str, str]]) -> set[tu
     reference model (another dense top-1: it was retrained) are dropped from the CSV, and so are
     the ``wanted`` (method, level) rows measured with other default settings."""
     rows = table.rows(CSV)
-    defaults = {**dataclasses.asdict(ptsp.Reconstruction()),
-                "max_ratio": inspect.signature(ptsp.prune).parameters["max_ratio"].default}
+    defaults = table.defaults()
     mine = [r for r in rows if r["model"] == name]
     retrained = [r for r in mine if r["dense_top1"] != dense]
     if retrained:

@@ -14,6 +14,18 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def defaults() -> dict:
+    """Today's defaults of ``ptsp.Reconstruction`` and of ``ptsp.prune``'s max_ratio: what a
+    results row records it ran with, so a change of default shows which rows are stale."""
+    import dataclasses
+    import inspect
+
+    import ptsp
+
+    return {**dataclasses.asdict(ptsp.Reconstruction()),
+            "max_ratio": inspect.signature(ptsp.prune).parameters["max_ratio"].default}
+
+
 def append(path: Path, fields: list[str], row: dict) -> None:
     """Add ``row`` to ``path``, writing the header first when the file is new. A file with other
     columns (written by an earlier version of the recipe) is first rewritten with ``fields``."""
