@@ -107,8 +107,8 @@ def write_report() -> None:
              "images and default settings. Δ is psp minus the dense model; plan is the criterion that "
              "the default `importance=\"auto\"` chose for the calibrated methods (magnitude always "
              "plans with l2); bn and lr are the `Reconstruction` defaults the psp row ran with, max "
-             "ratio `prune`'s (a model's rows are measured again when a default changes, but the "
-             "table keeps those of models not run since); params kept is psp's.", ""]
+             "ratio `prune`'s (a run measures the rows it asks for again when a default they depend "
+             "on changes; the other rows keep the settings they ran with); params kept is psp's.", ""]
     trained = []
     for name in models:
         epochs = reference.metadata(name).get("epochs")
