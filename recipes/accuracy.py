@@ -3,8 +3,8 @@
 Each cached reference model (``recipes/reference.py``) is pruned to 30%, 50% and 70% fewer FLOPs by
 every method, calibrating on the same 512 unlabeled training images, and evaluated on the 10k test
 images. Rows are appended to ``recipes/results/accuracy.csv`` as they finish (re-running resumes;
-rows of a model since retrained, with another dense top-1, are dropped and measured again; delete
-rows to measure them again, e.g. after a change of defaults);
+rows of a model since retrained, with another dense top-1, are dropped and measured again, and so
+are the asked rows that ran with other defaults than today's);
 the markdown table and the accuracy-vs-FLOPs plot are rewritten from the CSV.
 
     python recipes/reference.py && python recipes/accuracy.py
@@ -66,9 +66,7 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
                        "dense_top1": dense_row["top1"], "flops": plan["flops"]["after"],
                        "flops_dense": plan["flops"]["before"], "params": plan["params"]["after"],
                        "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}",
-                       "importance": plan["importance"],
-                       **{f: str((plan["reconstruction"] or {}).get(f, "")) for f in ("bn", "lr")},
-                       "max_ratio": str(plan["max_ratio"])}
+                       "importance": plan["importance"], **table.settings(plan)}
                 print(row, flush=True)
                 table.append(CSV, FIELDS, row)
         write_report()
@@ -79,14 +77,13 @@ def _keep_rows_of(name: str, dense: str, wanted: set[tuple[str, str]]) -> set[tu
     reference model (another dense top-1: it was retrained) are dropped from the CSV, and so are
     the ``wanted`` (method, level) rows measured with other default settings."""
     rows = table.rows(CSV)
-    defaults = table.defaults()
     mine = [r for r in rows if r["model"] == name]
     retrained = [r for r in mine if r["dense_top1"] != dense]
     if retrained:
         print(f"{name}: dropping {len(retrained)} rows of an earlier reference model "
               f"(dense {retrained[0]['dense_top1']}, now {dense})", flush=True)
-    changed = [r for r in mine if r not in retrained and (r["method"], r["level"]) in wanted and any(
-        (r.get(f) or RECORDED_LATER.get(f, "")) != str(defaults[f]) for f in SETTINGS.get(r["method"], ()))]
+    changed = [r for r in mine if r not in retrained and (r["method"], r["level"]) in wanted
+               and table.stale(r, SETTINGS[r["method"]], RECORDED_LATER)]
     if changed:
         print(f"{name}: measuring {len(changed)} rows again, as the default settings changed", flush=True)
     stale = retrained + changed

@@ -23,7 +23,8 @@ reduction (30/50/70%), on the same data and the same 512 unlabeled calibration i
 
 Columns: top-1 on the 10k test images, params, FLOPs, CPU latency (batch 32, median of 11 batches)
 and wall time (pruning plus any training). Rows are appended to ``recipes/results/compare.csv`` as
-they finish (rerunning resumes); ``compare.md`` and ``compare.png`` are redrawn from it. Training
+they finish (rerunning resumes, and measures again the asked rows made from a psp model that ran
+with other ptsp defaults than today's; the table shows each row's); ``compare.md`` and ``compare.png`` are redrawn from it. Training
 runs on every process; pruning, Torch-Pruning and evaluation on the main one.
 """
 from __future__ import annotations
@@ -51,9 +52,14 @@ from ptsp.counting import count
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / ".cache"
 FIELDS = ["model", "level", "method", "top1", "dense_top1", "params", "flops", "flops_dense",
-          "latency_ms", "seconds", "epochs", "processes"]
+          "latency_ms", "seconds", "epochs", "processes", "bn", "lr", "max_ratio"]
 METHODS = ("psp", "tp", "tp+bn", "dhspg", "finetune", "scratch-e", "scratch-b")
 TRAINED = ("dhspg", "finetune", "scratch-e", "scratch-b")
+#: the rows made from the psp model: measured again when the ptsp defaults it ran with change
+FROM_PSP = ("psp", "finetune", "scratch-e", "scratch-b")
+SETTINGS = ("bn", "lr", "max_ratio")
+#: what rows made before the settings were recorded ran with
+RECORDED_LATER = {"bn": "reestimate", "lr": "0.001", "max_ratio": "1.0"}
 COMMAND = "accelerate launch recipes/compare.py"
 
 
@@ -118,7 +124,19 @@ class Run:
         calib_x = self.data.train.tensors[0]
         self.calib = ptsp.data.calibration_loader(calib_x, args.samples, 64, seed=0)
         self.bench_x = self.data.test.tensors[0][:32]
-        self.done = {(r["model"], r["level"], r["method"]) for r in table.rows(self.csv)}
+        self.done = self._keep_rows()
+
+    def _keep_rows(self) -> set[tuple[str, str, str]]:
+        """The (model, level, method) rows already measured; the asked rows made from a psp model
+        that ran with other ptsp defaults than today's are dropped, to be measured again."""
+        args, rows = self.args, table.rows(self.csv)
+        asked = {(m, str(lv), method) for m in args.models for lv in args.levels for method in args.methods}
+        stale = [r for r in rows if (r["model"], r["level"], r["method"]) in asked
+                 and r["method"] in FROM_PSP and table.stale(r, SETTINGS, RECORDED_LATER)]
+        if stale and self.acc.is_main_process:
+            print(f"measuring {len(stale)} rows again, as the ptsp defaults changed", flush=True)
+            table.rewrite(self.csv, FIELDS, [r for r in rows if r not in stale])
+        return {(r["model"], r["level"], r["method"]) for r in rows if r not in stale}
 
     def record(self, row: dict) -> None:
         if self.acc.is_main_process:
@@ -126,14 +144,14 @@ class Run:
             table.append(self.csv, FIELDS, {**row, "processes": self.acc.num_processes})
 
     def measure(self, name: str, level: str, method: str, model: torch.nn.Module, seconds: float,
-                dense: dict, epochs: float | str = "") -> None:
+                dense: dict, epochs: float | str = "", settings: dict | None = None) -> None:
         model = model.cpu().eval()
         params, flops = count(model, self.bench_x[:1])
         self.record({"model": name, "level": level, "method": method,
                      "top1": f"{training.evaluate(model, self.data):.2f}", "dense_top1": dense["top1"],
                      "params": params, "flops": flops, "flops_dense": dense["flops"],
                      "latency_ms": f"{latency_ms(model, self.bench_x):.2f}", "seconds": f"{seconds:.1f}",
-                     "epochs": epochs})
+                     "epochs": epochs, **(settings or {})})
 
     def model(self, name: str) -> None:
         args = self.args
@@ -155,20 +173,23 @@ class Run:
             return
         psp_path = self.artifacts / f"{name}-{level}-psp.safetensors"
         if acc.is_main_process:
-            if not psp_path.exists() or "psp" in todo:
+            if "psp" in todo or not psp_path.exists() or table.stale(
+                    table.settings(ptsp.plan_of(ptsp.load(psp_path))), SETTINGS, {}):
                 t0 = time.perf_counter()
                 pruned = ptsp.prune(base, self.calib, float(level), target="flops")
                 seconds = time.perf_counter() - t0
                 self.artifacts.mkdir(parents=True, exist_ok=True)
                 ptsp.save(pruned, psp_path, overwrite=True, model_args=reference.MODELS[name] or None)
                 if "psp" in todo:
-                    self.measure(name, level, "psp", pruned, seconds, dense)
+                    self.measure(name, level, "psp", pruned, seconds, dense,
+                                 settings=table.settings(ptsp.plan_of(pruned)))
             for method in ("tp", "tp+bn"):
                 if method in todo:
                     self.torch_pruning(name, base, level, method, dense)
         acc.wait_for_everyone()
         psp = ptsp.load(psp_path)
         psp_seconds = sum(ptsp.plan_of(psp)["seconds"].values())
+        settings = table.settings(ptsp.plan_of(psp))
         flops = ptsp.plan_of(psp)["flops"]
         ratio = flops["before"] / flops["after"]
         for method in (m for m in TRAINED if m in todo):
@@ -191,7 +212,8 @@ class Run:
                 model = acc.unwrap_model(model)
                 seconds = stats["seconds"] + (psp_seconds if method == "finetune" else 0.0)
             if acc.is_main_process:
-                self.measure(name, level, method, model, seconds, dense, stats["epochs"])
+                self.measure(name, level, method, model, seconds, dense, stats["epochs"],
+                             settings if method in FROM_PSP else None)
             acc.wait_for_everyone()
 
     def torch_pruning(self, name: str, base: torch.nn.Module, level: str, method: str, dense: dict) -> None:
@@ -214,8 +236,11 @@ def write_report(results: Path) -> None:
              f"Regenerate: `{COMMAND}` (resumes from `compare.csv`; `--report` only redraws). "
              "Top-1 (%) on the 10k test images. Latency: one batch of 32 images on the CPU, median "
              "of 11. Seconds: wall time of pruning plus any training (fine-tune includes psp's), on "
-             "the shared 2-core CPU. × psp: that time over psp's.", ""]
-    header = "| model | FLOPs | method | top-1 | Δ dense | params | FLOPs kept | latency ms | epochs | seconds | × psp |"
+             "the shared 2-core CPU. × psp: that time over psp's. bn, lr and max ratio: the ptsp defaults "
+             "(`Reconstruction.bn`, `Reconstruction.lr`, `prune`'s max_ratio) that the psp model "
+             "behind the row ran with (fine-tune starts from it, Scratch-E/B take its architecture).", ""]
+    header = ("| model | FLOPs | method | top-1 | Δ dense | params | FLOPs kept | latency ms | epochs "
+              "| seconds | × psp | bn | lr | max ratio |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name in models:
         mine = [r for r in rows if r["model"] == name]
@@ -229,10 +254,12 @@ def write_report(results: Path) -> None:
                 top1, base = float(r["top1"]), float(r["dense_top1"])
                 kept = int(r["flops"]) / int(r["flops_dense"])
                 times = float(r["seconds"]) / psp_s
+                settings = " | ".join((r.get(f) or RECORDED_LATER[f]) if method in FROM_PSP else ""
+                                      for f in SETTINGS)
                 lines.append(f"| {name} | {'dense' if level == '0' else f'−{float(level):.0%}'} | "
                              f"{method} | {top1:.2f} | {top1 - base:+.2f} | {int(r['params']) / 1e6:.2f}M | "
                              f"{kept:.0%} | {r['latency_ms']} | {r['epochs']} | {float(r['seconds']):.0f} | "
-                             f"{'' if math.isnan(times) else f'{times:.1f}×'} |")
+                             f"{'' if math.isnan(times) else f'{times:.1f}×'} | {settings} |")
     lines += ["", *checks(rows), "", "![top-1 against FLOPs and wall time](compare.png)"]
     (results / "compare.md").write_text("\n".join(lines) + "\n")
     _plot(rows, models, results / "compare.png")

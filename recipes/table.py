@@ -26,6 +26,21 @@ def defaults() -> dict:
             "max_ratio": inspect.signature(ptsp.prune).parameters["max_ratio"].default}
 
 
+def settings(plan: dict) -> dict:
+    """The settings of ``defaults()`` a pruned model ran with, read off its plan, as a row records
+    them (empty where the method has none: magnitude does no reconstruction)."""
+    reconstruction = plan["reconstruction"] or {}
+    return {"bn": str(reconstruction.get("bn", "")), "lr": str(reconstruction.get("lr", "")),
+            "max_ratio": str(plan["max_ratio"])}
+
+
+def stale(row: dict, fields: tuple[str, ...], recorded_later: dict) -> bool:
+    """Whether ``row`` ran with other values of ``fields`` than today's defaults; ``recorded_later``
+    holds what rows written before a field was recorded ran with."""
+    now = defaults()
+    return any((row.get(f) or recorded_later.get(f, "")) != str(now[f]) for f in fields)
+
+
 def append(path: Path, fields: list[str], row: dict) -> None:
     """Add ``row`` to ``path``, writing the header first when the file is new. A file with other
     columns (written by an earlier version of the recipe) is first rewritten with ``fields``."""

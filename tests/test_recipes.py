@@ -161,10 +161,27 @@ def test_compare_with_two_processes(tmp_path):
         assert abs(int(rows[method]["flops"]) / int(rows[method]["flops_dense"]) - 0.5) < 0.02
     assert rows["finetune"]["params"] == rows["psp"]["params"] == rows["scratch-b"]["params"]
     assert float(rows["scratch-b"]["epochs"]) > float(rows["scratch-e"]["epochs"])
+    # the rows made from the psp model record the ptsp defaults it ran with: today's
+    assert all(not table.stale(rows[m], compare.SETTINGS, {}) for m in compare.FROM_PSP)
+    assert rows["tp"]["lr"] == rows["dhspg"]["lr"] == ""
     assert "| psp |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0
     # the reference model trained for this run is recorded with its results, not in the repo's
     assert json.loads((tmp_path / "reference.json").read_text())["resnet10t"]["epochs"] == "1"
+
+
+def test_a_row_is_stale_when_a_default_it_ran_with_changed():
+    import table
+
+    now = table.defaults()
+    fields = ("bn", "lr", "max_ratio")
+    row = {f: str(now[f]) for f in fields}
+    assert not table.stale(row, fields, {})
+    assert table.stale({**row, "lr": str(now["lr"] * 2)}, fields, {})
+    assert not table.stale({**row, "lr": str(now["lr"] * 2)}, ("bn",), {})
+    # a row written before a setting was recorded ran with what ``recorded_later`` says
+    assert table.stale({**row, "max_ratio": ""}, fields, {"max_ratio": "1.0"}) == (now["max_ratio"] != 1.0)
+    assert not table.stale({**row, "max_ratio": ""}, fields, {"max_ratio": str(now["max_ratio"])})
 
 
 def test_train_on_a_datasets_folder(tmp_path):
