@@ -22,7 +22,7 @@ reduction (30/50/70%), on the same data and the same 512 unlabeled calibration i
   reference model / for the same compute (epochs × FLOPs ratio).
 
 Columns: top-1 on the 10k test images, params, FLOPs, CPU latency (batch 32, median of 11 batches)
-and wall time (pruning plus any training). Rows are appended to ``recipes/results/compare.csv`` as
+and wall time (pruning plus any training), with the CPU that measured them. Rows are appended to ``recipes/results/compare.csv`` as
 they finish (rerunning resumes, and measures again the asked rows made from a psp model that ran
 with other ptsp defaults than today's; the table shows each row's); ``compare.md`` and ``compare.png`` are redrawn from it. Training
 runs on every process; pruning, Torch-Pruning and evaluation on the main one.
@@ -52,7 +52,7 @@ from ptsp.counting import count
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / ".cache"
 FIELDS = ["model", "level", "method", "top1", "dense_top1", "params", "flops", "flops_dense",
-          "latency_ms", "seconds", "epochs", "processes", "bn", "lr", "max_ratio"]
+          "latency_ms", "seconds", "epochs", "processes", "bn", "lr", "max_ratio", "cpu"]
 METHODS = ("psp", "tp", "tp+bn", "dhspg", "finetune", "scratch-e", "scratch-b")
 TRAINED = ("dhspg", "finetune", "scratch-e", "scratch-b")
 #: the rows made from the psp model: measured again when the ptsp defaults it ran with change
@@ -151,7 +151,7 @@ class Run:
                      "top1": f"{training.evaluate(model, self.data):.2f}", "dense_top1": dense["top1"],
                      "params": params, "flops": flops, "flops_dense": dense["flops"],
                      "latency_ms": f"{latency_ms(model, self.bench_x):.2f}", "seconds": f"{seconds:.1f}",
-                     "epochs": epochs, **(settings or {})})
+                     "epochs": epochs, "cpu": table.cpu(), **(settings or {})})
 
     def model(self, name: str) -> None:
         args = self.args
@@ -238,9 +238,11 @@ def write_report(results: Path) -> None:
              "of 11. Seconds: wall time of pruning plus any training (fine-tune includes psp's), on "
              "the shared 2-core CPU. × psp: that time over psp's. bn, lr and max ratio: the ptsp defaults "
              "(`Reconstruction.bn`, `Reconstruction.lr`, `prune`'s max_ratio) that the psp model "
-             "behind the row ran with (fine-tune starts from it, Scratch-E/B take its architecture).", ""]
+             "behind the row ran with (fine-tune starts from it, Scratch-E/B take its architecture). cpu: "
+             "the machine that measured the row's latency and seconds (rows made before it was "
+             "recorded: –); compare those columns only between rows of one machine.", ""]
     header = ("| model | FLOPs | method | top-1 | Δ dense | params | FLOPs kept | latency ms | epochs "
-              "| seconds | × psp | bn | lr | max ratio |")
+              "| seconds | × psp | bn | lr | max ratio | cpu |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name in models:
         mine = [r for r in rows if r["model"] == name]
@@ -259,7 +261,7 @@ def write_report(results: Path) -> None:
                 lines.append(f"| {name} | {'dense' if level == '0' else f'−{float(level):.0%}'} | "
                              f"{method} | {top1:.2f} | {top1 - base:+.2f} | {int(r['params']) / 1e6:.2f}M | "
                              f"{kept:.0%} | {r['latency_ms']} | {r['epochs']} | {float(r['seconds']):.0f} | "
-                             f"{'' if math.isnan(times) else f'{times:.1f}×'} | {settings} |")
+                             f"{'' if math.isnan(times) else f'{times:.1f}×'} | {settings} | {r.get('cpu') or '–'} |")
     lines += ["", *checks(rows), "", "![top-1 against FLOPs and wall time](compare.png)"]
     (results / "compare.md").write_text("\n".join(lines) + "\n")
     _plot(rows, models, results / "compare.png")

@@ -26,6 +26,18 @@ def defaults() -> dict:
             "max_ratio": inspect.signature(ptsp.prune).parameters["max_ratio"].default}
 
 
+def cpu() -> str:
+    """The CPU's model name, recorded with timed rows: seconds and latencies compare only on one."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def settings(plan: dict) -> dict:
     """The settings of ``defaults()`` a pruned model ran with, read off its plan, as a row records
     them (empty where the method has none: magnitude does no reconstruction)."""
