@@ -162,7 +162,8 @@ class Run:
         epochs = float(trained["epochs"])
         dense = {"top1": f"{training.evaluate(base, self.data):.2f}", "flops": count(base, self.bench_x[:1])[1]}
         if (name, "0", "dense") not in self.done:
-            self.measure(name, "0", "dense", base, float(trained["train_seconds"]), dense, epochs)
+            # a reference model made elsewhere (e.g. from the shipped artifact) has no training time
+            self.measure(name, "0", "dense", base, float(trained.get("train_seconds", "nan")), dense, epochs)
         for level in args.levels:
             self.level(name, base, str(level), epochs, dense)
 
@@ -255,12 +256,13 @@ def write_report(results: Path) -> None:
                 r = cell[method]
                 top1, base = float(r["top1"]), float(r["dense_top1"])
                 kept = int(r["flops"]) / int(r["flops_dense"])
-                times = float(r["seconds"]) / psp_s
+                seconds = float(r["seconds"])
+                times = seconds / psp_s
                 settings = " | ".join((r.get(f) or RECORDED_LATER[f]) if method in FROM_PSP else ""
                                       for f in SETTINGS)
                 lines.append(f"| {name} | {'dense' if level == '0' else f'−{float(level):.0%}'} | "
                              f"{method} | {top1:.2f} | {top1 - base:+.2f} | {int(r['params']) / 1e6:.2f}M | "
-                             f"{kept:.0%} | {r['latency_ms']} | {r['epochs']} | {float(r['seconds']):.0f} | "
+                             f"{kept:.0%} | {r['latency_ms']} | {r['epochs']} | {'–' if math.isnan(seconds) else f'{seconds:.0f}'} | "
                              f"{'' if math.isnan(times) else f'{times:.1f}×'} | {settings} | {r.get('cpu') or '–'} |")
     lines += ["", *checks(rows), "", "![top-1 against FLOPs and wall time](compare.png)"]
     (results / "compare.md").write_text("\n".join(lines) + "\n")
