@@ -22,10 +22,11 @@ reduction (30/50/70%), on the same data and the same 512 unlabeled calibration i
   reference model / for the same compute (epochs × FLOPs ratio).
 
 Columns: top-1 on the 10k test images, params, FLOPs, CPU latency (batch 32, median of 11 batches)
-and wall time (pruning plus any training), with the CPU that measured them. Rows are appended to ``recipes/results/compare.csv`` as
-they finish (rerunning resumes, and measures again the asked rows made from a psp model that ran
-with other ptsp defaults than today's; the table shows each row's); ``compare.md`` and ``compare.png`` are redrawn from it. Training
-runs on every process; pruning, Torch-Pruning and evaluation on the main one.
+and wall time (pruning plus any training), with the CPU that measured them. Rows are appended to
+``recipes/results/compare.csv`` as they finish (rerunning resumes, and measures again the asked rows
+made from a psp model that ran with other ptsp defaults than today's; the table shows each row's);
+``compare.md`` and ``compare.png`` are redrawn from it. Training runs on every process; pruning,
+Torch-Pruning and evaluation on the main one.
 """
 from __future__ import annotations
 
@@ -188,11 +189,10 @@ class Run:
                 if method in todo:
                     self.torch_pruning(name, base, level, method, dense)
         acc.wait_for_everyone()
-        psp = ptsp.load(psp_path)
-        psp_seconds = sum(ptsp.plan_of(psp)["seconds"].values())
-        settings = table.settings(ptsp.plan_of(psp))
-        flops = ptsp.plan_of(psp)["flops"]
-        ratio = flops["before"] / flops["after"]
+        plan = ptsp.plan_of(ptsp.load(psp_path))
+        psp_seconds = sum(plan["seconds"].values())
+        settings = table.settings(plan)
+        ratio = plan["flops"]["before"] / plan["flops"]["after"]
         for method in (m for m in TRAINED if m in todo):
             torch.manual_seed(args.seed)
             if method == "dhspg":
