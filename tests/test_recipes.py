@@ -185,6 +185,23 @@ def test_a_row_is_stale_when_a_default_it_ran_with_changed():
     assert not table.stale({**row, "max_ratio": ""}, fields, {"max_ratio": str(now["max_ratio"])})
 
 
+def test_the_checks_read_the_targets_off_the_rows():
+    import compare
+
+    def row(method, top1, seconds="10", epochs=""):
+        return {"model": "m", "level": "0" if method == "dense" else "0.5", "method": method,
+                "top1": top1, "dense_top1": "90.00", "seconds": seconds, "epochs": epochs}
+
+    rows = [row("dense", "90.00", epochs="4.0"), row("psp", "89.70"), row("tp", "80.00"),
+            row("finetune", "89.95", "30"), row("scratch-b", "90.40", "100", "8.0")]
+    note, = compare.checks(rows)[2:]
+    assert "finetune +0.25 points over psp (within 0.5) at 3.0×" in note
+    assert "scratch-b +0.70 points over psp (NOT within 0.5) at 10.0×" in note
+    # a comparator above the dense reference is named, with its epochs against the reference's
+    assert "scratch-b beats the dense reference itself by +0.40 (8.0 epochs, the reference 4.0)" in note
+    assert "finetune beats" not in note and "psp ahead of tp by +9.70" in note
+
+
 def test_train_on_a_datasets_folder(tmp_path):
     """--data takes a datasets folder (here the committed parquet sample): timm's transforms at the
     model's own input size (3×224×224), and an artifact that reloads."""
