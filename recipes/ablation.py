@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-import fashion_mnist
 import reference
 import table
 
@@ -43,6 +42,8 @@ SINGLE: dict[str, dict] = {
     "bn=none": {"bn": "none"},
     "lr=1e-3": {"lr": 1e-3},
     "lr=3e-3": {"lr": 3e-3},
+    "phase1_passes=5": {"phase1_passes": 5},
+    "phase1_passes=10": {"phase1_passes": 10},
 }
 #: the paper's loss choices (the defaults until this ablation favoured the authors' code)
 L2_KEPT = {"penalty": "l2", "phase1_targets": "kept"}
@@ -68,14 +69,10 @@ def main() -> None:
     done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"], r.get("defaults") or "")
             for r in table.rows(CSV)}
     RESULTS.mkdir(exist_ok=True)
-    test_images, test_labels = fashion_mnist.load("test")
-    train_images = fashion_mnist.load("train")[0]
     for name in args.models:
         model = reference.load(name)
-        mean, std = model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
-        test_x = fashion_mnist.prepare(test_images, reference.SIZE, mean, std)
-        calib = ptsp.data.calibration_loader(
-            fashion_mnist.prepare(train_images, reference.SIZE, mean, std), 512, 64, seed=0)
+        test_x, test_labels, train_x = reference.prepared(model)
+        calib = ptsp.data.calibration_loader(train_x, 512, 64, seed=0)
         dense = reference.evaluate(model, test_x, test_labels)
         for variant in args.variants:
             if (name, str(args.level), variant, args.importance, f"{dense:.2f}", DEFAULTS) in done:

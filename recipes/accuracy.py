@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-import fashion_mnist
 import reference
 import table
 
@@ -40,15 +39,10 @@ COMMAND = "python recipes/reference.py && python recipes/accuracy.py"
 
 def run(models: list[str], levels: list[float], methods: list[str], samples: int) -> None:
     RESULTS.mkdir(exist_ok=True)
-    test_images, test_labels = fashion_mnist.load("test")
-    train_images = fashion_mnist.load("train")[0]
     for name in models:
         model = reference.load(name)
-        cfg = model.pretrained_cfg
-        mean, std = cfg["mean"][0], cfg["std"][0]
-        test_x = fashion_mnist.prepare(test_images, reference.SIZE, mean, std)
-        calib = ptsp.data.calibration_loader(
-            fashion_mnist.prepare(train_images, reference.SIZE, mean, std), samples, 64, seed=0)
+        test_x, test_labels, train_x = reference.prepared(model)
+        calib = ptsp.data.calibration_loader(train_x, samples, 64, seed=0)
         dense = reference.evaluate(model, test_x, test_labels)
         dense_row = {"model": name, "method": "dense", "level": "0", "top1": f"{dense:.2f}"}
         done = _keep_rows_of(name, dense_row["top1"], {(m, str(lv)) for m in methods for lv in levels})

@@ -15,6 +15,7 @@ import safetensors.torch
 import timm
 import torch
 
+import fashion_mnist
 import training
 from training import SIZE
 
@@ -59,6 +60,15 @@ def metadata(name: str) -> dict[str, str]:
         with safetensors.safe_open(str(path), "pt") as f:
             return f.metadata()
     return json.loads(TRAINED.read_text()).get(name, {}) if TRAINED.exists() else {}
+
+
+def prepared(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Fashion-MNIST test images and labels and the training images, normalised as the
+    reference ``model`` was trained: what every benchmark evaluates on and calibrates from."""
+    mean, std = model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
+    test_images, test_labels = fashion_mnist.load("test")
+    return (fashion_mnist.prepare(test_images, SIZE, mean, std), test_labels,
+            fashion_mnist.prepare(fashion_mnist.load("train")[0], SIZE, mean, std))
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:

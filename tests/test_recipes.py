@@ -202,6 +202,23 @@ def test_the_checks_read_the_targets_off_the_rows():
     assert "finetune beats" not in note and "psp ahead of tp by +9.70" in note
 
 
+def test_the_noise_report_pairs_psp_with_each_method_by_seed(tmp_path, monkeypatch):
+    import noise
+    import table
+
+    monkeypatch.setattr(noise, "RESULTS", tmp_path)
+    monkeypatch.setattr(noise, "CSV", tmp_path / "noise.csv")
+    for method, top1 in (("psp", ("88.50", "88.20")), ("global", ("88.70", "88.10"))):
+        for seed, value in enumerate(top1):
+            table.append(noise.CSV, noise.FIELDS, {
+                "model": "m", "level": "0.5", "method": method, "seed": str(seed), "top1": value,
+                "agree": "98.00", "dense_top1": "89.00", "seconds": "1", "defaults": "d"})
+    noise.write_report()
+    lines = (tmp_path / "noise.md").read_text().splitlines()
+    assert "| global | 88.70 | 88.10 | 88.40 | 0.42 | 98.00 | -0.20 +0.10 | -0.05 |" in lines
+    assert "| psp | 88.50 | 88.20 | 88.35 | 0.21 | 98.00 | – | – |" in lines
+
+
 def test_train_on_a_datasets_folder(tmp_path):
     """--data takes a datasets folder (here the committed parquet sample): timm's transforms at the
     model's own input size (3×224×224), and an artifact that reloads."""
