@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "ablation.csv"
 FIELDS = ["model", "level", "variant", "top1", "dense_top1", "seconds", "importance", "plan", "defaults"]
 #: the defaults a row's variant departs from (rows made before this column existed: empty)
-DEFAULTS = " ".join(f"{k}={v}" for k, v in table.defaults().items() if k != "progress")
+DEFAULTS = table.defaults_line()
 #: single changes from the defaults
 SINGLE: dict[str, dict] = {
     "penalty=l2": {"penalty": "l2"},

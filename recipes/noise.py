@@ -31,7 +31,7 @@ CSV = RESULTS / "noise.csv"
 FIELDS = ["model", "level", "method", "seed", "top1", "agree", "dense_top1", "seconds", "defaults"]
 METHODS = ("bn", "layerwise", "global", "psp")
 #: the defaults every row ran with (a row with others is another experiment: it keeps its own table)
-DEFAULTS = " ".join(f"{k}={v}" for k, v in table.defaults().items() if k != "progress")
+DEFAULTS = table.defaults_line()
 
 
 def predictions(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:

@@ -26,6 +26,12 @@ def defaults() -> dict:
             "max_ratio": inspect.signature(ptsp.prune).parameters["max_ratio"].default}
 
 
+def defaults_line() -> str:
+    """Today's defaults as one ``key=value`` line, the column of a results row that keeps each
+    set of defaults apart (progress bars change no result)."""
+    return " ".join(f"{k}={v}" for k, v in defaults().items() if k != "progress")
+
+
 def cpu() -> str:
     """The CPU's model name, recorded with timed rows: seconds and latencies compare only on one."""
     import platform
