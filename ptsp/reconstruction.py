@@ -50,9 +50,14 @@ class Reconstruction:
     Attributes:
         phase1_passes / phase2_passes: passes over the calibration set in each phase.
         lr: Adam learning rate (the last layer's rate under the balanced update).
-        penalty: "replace" replaces the doomed slices' gradient by ``λ·lr·W`` (the code); "l2" adds
-            the gradient of a growing L2 penalty ``λ/2·||W_doomed||²`` (the paper's intent).
-        lmbda / lmbda_step: λ in pass j is ``lmbda + j·lmbda_step``.
+        penalty: "replace" replaces the doomed slices' gradient by ``λ·lr·W`` (the code): under
+            Adam a step of about lr toward zero, so small weights reach zero in a few steps while
+            norm scales near 1 are only partly shrunk; "l2" adds the gradient of a growing L2
+            penalty ``λ/2·||W_doomed||²`` (the paper's intent); "fade" is the proximal form: the
+            doomed slices take no gradient step and are shrunk after each one, on a schedule that
+            takes them linearly to exactly zero on phase 1's last step (λ is not used), so removal
+            then changes nothing.
+        lmbda / lmbda_step: λ in pass j is ``lmbda + j·lmbda_step`` ("replace" and "l2").
         phase1_targets: "all" matches every channel in phase 1 (the code), pulling the doomed
             channels' outputs against the penalty; "kept" only the channels that survive.
         balance: where the balanced update ``lr/(L−k+1)`` applies: "phase2", "both" or "none".
@@ -87,7 +92,7 @@ class Reconstruction:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        choices = {"penalty": ("l2", "replace"), "phase1_targets": ("kept", "all"),
+        choices = {"penalty": ("l2", "replace", "fade"), "phase1_targets": ("kept", "all"),
                    "balance": ("phase2", "both", "none"), "order": ("execution", "registration"),
                    "bn": ("reestimate", "train", "train+reestimate", "none")}
         for name, allowed in choices.items():
@@ -189,11 +194,20 @@ def phase1(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], 
     targets = {n: _Target(teacher_out=s[1], student_out=s[1]) if restrict else _Target()
                for n, s in sel.items() if not restrict or s[1] != UNMAPPED}
 
+    steps = settings.phase1_passes * len(batches)
+    taken = 0
+
     def penalise(pass_index: int, lrs: dict[int, float]) -> None:
+        nonlocal taken
+        taken += 1
         lmbda = settings.lmbda + pass_index * settings.lmbda_step
         with torch.no_grad():
             for p, mask in masks:
-                if settings.penalty == "l2":
+                if settings.penalty == "fade":
+                    if p.grad is not None:
+                        p.grad.masked_fill_(mask, 0)
+                    p.copy_(torch.where(mask, p * ((steps - taken) / (steps - taken + 1)), p))
+                elif settings.penalty == "l2":
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     p.grad.add_(torch.where(mask, p, 0), alpha=lmbda)

@@ -32,6 +32,7 @@ DEFAULTS = table.defaults_line()
 #: single changes from the defaults
 SINGLE: dict[str, dict] = {
     "penalty=l2": {"penalty": "l2"},
+    "penalty=fade": {"penalty": "fade"},
     "phase1_targets=kept": {"phase1_targets": "kept"},
     "balance=both": {"balance": "both"},
     "balance=none": {"balance": "none"},

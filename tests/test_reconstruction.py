@@ -18,7 +18,7 @@ import ptsp
 from ptsp.groups import build_groups
 from ptsp.reconstruction import (_CHUNK, Reconstruction, _Hooks, _modified_in_place,
                                  _param_groups, _pieces, _RelativeError, _selections, _Target,
-                                 doomed_masks, join_single_images, reestimate_bn)
+                                 doomed_masks, join_single_images, phase1, reestimate_bn)
 from ptsp.surgery import apply, kept_indices
 
 from nets import OutOfOrder, SmallCNN
@@ -244,6 +244,27 @@ def test_doomed_masks_cover_rows_columns_and_norm():
     assert masks[id(conv.weight)][:3].all() and not masks[id(conv.weight)][3:].any()
     assert masks[id(bn.weight)][:3].all() and masks[id(bn.bias)][:3].all()
     assert masks[id(nxt.weight)][:, :3].all() and not masks[id(nxt.weight)][:, 3:].any()
+
+
+def test_fade_ends_phase1_with_the_doomed_entries_at_zero(trained, fmnist):
+    """Under ``penalty="fade"`` the doomed entries take no gradient step and reach exactly zero on
+    the last step, so removing them changes nothing; the kept weights are trained meanwhile."""
+    x = fmnist[0][:128]
+    groups = build_groups(trained, x[:1])
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    for g in groups:
+        removed[g.ids[::2]] = g.prunable
+    kept = kept_indices(groups, removed)
+    student = copy.deepcopy(trained)
+    masks = doomed_masks(student, groups, removed)
+    before = [p.detach().clone() for p, _ in masks]
+    settings = Reconstruction(phase1_passes=2, penalty="fade", progress=False)
+    phase1(student, copy.deepcopy(trained), list(x.split(64)), kept, masks, settings,
+           probe=apply(copy.deepcopy(trained), kept))
+    assert all((p[m] == 0).all() for p, m in masks)
+    assert any(not torch.equal(p[~m], b[~m]) for (p, m), b in zip(masks, before))
+    with torch.no_grad():
+        assert torch.allclose(apply(copy.deepcopy(student), kept).eval()(x), student.eval()(x), atol=1e-5)
 
 
 def test_balanced_rates_follow_execution_order():
