@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict] = {
     "defaults": {}, **SINGLE,
     "authors()": dataclasses.asdict(ptsp.Reconstruction.authors()),
     "l2+kept": L2_KEPT,
+    "penalty=fade, balance=both": {"penalty": "fade", "balance": "both"},
     **{f"l2+kept, {name}": {**L2_KEPT, **change} for name, change in SINGLE.items()
        if name not in ("penalty=l2", "phase1_targets=kept")},
 }
