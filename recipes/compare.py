@@ -240,8 +240,9 @@ def write_report(results: Path) -> None:
              "the shared 2-core CPU. × psp: that time over psp's. bn, lr and max ratio: the ptsp defaults "
              "(`Reconstruction.bn`, `Reconstruction.lr`, `prune`'s max_ratio) that the psp model "
              "behind the row ran with (fine-tune starts from it, Scratch-E/B take its architecture). cpu: "
-             "the machine that measured the row's latency and seconds (rows made before it was "
-             "recorded: –); compare those columns only between rows of one machine.", ""]
+             "the machine and torch threads per process that measured the row's latency and seconds "
+             "(rows made before the machine was recorded: –; before the threads were: one); compare "
+             "those columns only between rows of one machine and thread count.", ""]
     header = ("| model | FLOPs | method | top-1 | Δ dense | params | FLOPs kept | latency ms | epochs "
               "| seconds | × psp | bn | lr | max ratio | cpu |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]

@@ -32,16 +32,22 @@ def defaults_line() -> str:
     return " ".join(f"{k}={v}" for k, v in defaults().items() if k != "progress")
 
 
-def cpu() -> str:
-    """The CPU's model name, recorded with timed rows: seconds and latencies compare only on one."""
+def cpu(threads: int | None = None) -> str:
+    """The CPU's model name and the threads torch uses (``threads``: this many instead), recorded
+    with timed rows: seconds and latencies compare only on one machine at one thread count."""
     import platform
 
+    import torch
+
+    name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+                name = line.split(":", 1)[1].strip()
+                break
+    threads = threads or torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def settings(plan: dict) -> dict:
