@@ -54,7 +54,7 @@ class Reconstruction:
             Adam a step of about lr toward zero, so small weights reach zero in a few steps while
             norm scales near 1 are only partly shrunk; "l2" adds the gradient of a growing L2
             penalty ``λ/2·||W_doomed||²`` (the paper's intent); "fade" is the proximal form: the
-            doomed slices take no gradient step and are shrunk after each one, on a schedule that
+            doomed slices take no gradient step and are shrunk at each step, on a schedule that
             takes them linearly to exactly zero on phase 1's last step (λ is not used), so removal
             then changes nothing.
         lmbda / lmbda_step: λ in pass j is ``lmbda + j·lmbda_step`` ("replace" and "l2").
