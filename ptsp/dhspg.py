@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .counting import count
+from .counting import Estimator, count
 from .groups import Groups, build_groups
 from .pruning import PLAN_ATTR, default_inputs, record
 from .surgery import apply, broadcast_mask, kept_indices, zero_removed_inputs
@@ -44,7 +44,8 @@ class DHSPG(torch.optim.Optimizer):
     never zeroes more groups than the target needs (no overshoot by the tolerance), and
     ``pruning_steps`` after the partition the redundant groups still needed are projected,
     smallest first (no target missed because λ or ε were weak). Once the target is reached the
-    penalty stops for good and training continues with the base optimiser.
+    penalty stops for good and training continues with the base optimiser. A third lets the
+    target be a FLOPs reduction (``target_flops``), as users compare models at equal cost.
 
     Args (OTOv2's names and defaults; λ, κ and c default by variant as OTOv2's do):
         model: the model being trained; its parameters are optimised.
@@ -55,6 +56,12 @@ class DHSPG(torch.optim.Optimizer):
         epsilon: half-space parameter ε in [0, 1) (0: project only groups whose trial point
             crosses the origin's half-space; tutorials use 0.9-0.95).
         target_group_sparsity: fraction of candidate groups to zero, in (0, 1).
+        target_flops: fraction of the model's FLOPs to remove, in (0, 1), instead of a group
+            sparsity (ptsp's addition): at the partition step the target becomes the fewest
+            groups, taken in redundancy order, whose removal cuts the FLOPs by this much. Zeroed
+            are the smallest of the redundant set, so the FLOPs cut is this to within one channel
+            when ``tolerance_group_sparsity=0`` (the redundant set is then exactly those groups)
+            and close to it otherwise.
         tolerance_group_sparsity: extra fraction in the redundant set.
         start_pruning_steps: sets ``partition_step`` and ``half_space_project_steps`` unless given.
         warm_up_steps: plain steps before any partition.
@@ -72,6 +79,7 @@ class DHSPG(torch.optim.Optimizer):
                  lr: float = 0.1, variant: str = "sgd", lmbda: float | None = None,
                  lmbda_amplify: float | None = None, hat_lmbda_coeff: float | None = None,
                  epsilon: float = 0.0, target_group_sparsity: float = 0.5,
+                 target_flops: float | None = None,
                  tolerance_group_sparsity: float = 0.05, start_pruning_steps: int = 0,
                  partition_step: int | None = None, half_space_project_steps: int | None = None,
                  warm_up_steps: int = 0, pruning_steps: float | None = None,
@@ -91,6 +99,8 @@ class DHSPG(torch.optim.Optimizer):
         half_space = start_pruning_steps if half_space_project_steps is None else half_space_project_steps
         pruning_steps = max(partition_step, warm_up_steps, 1) if pruning_steps is None else pruning_steps
         _check("target_group_sparsity", target_group_sparsity, 0, 1, "(0, 1)", open_low=True, open_high=True)
+        if target_flops is not None:
+            _check("target_flops", target_flops, 0, 1, "(0, 1)", open_low=True, open_high=True)
         _check("tolerance_group_sparsity", tolerance_group_sparsity, 0, 1, "[0, 1)", open_high=True)
         _check("epsilon", epsilon, 0, 1, "[0, 1)", open_high=True)
         _check("first_momentum", first_momentum, 0, 1, "[0, 1)", open_high=True)
@@ -117,7 +127,6 @@ class DHSPG(torch.optim.Optimizer):
                         weight_decay_type="decoupled" if variant == "adamw" else weight_decay_type,
                         adam_eps=adam_eps)
         super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
-        self.target = float(target_group_sparsity)
         self.tolerance = float(tolerance_group_sparsity)
         self.partition_step = max(partition_step, warm_up_steps)
         self.half_space_step = max(half_space, self.partition_step)
@@ -128,7 +137,19 @@ class DHSPG(torch.optim.Optimizer):
         self.groups = groups if groups is not None else build_groups(model, inputs)
         self.channels, self.parts = _candidates(model, self.groups, inputs)
         self._slices = _producer_slices(model, self.groups, self.channels)
-        self.state["dhspg"] = {"step": 0, "redundant": None, "zero": None, "done": False}
+        self.target_flops = None if target_flops is None else float(target_flops)
+        self._estimator = None
+        if target_flops is not None:
+            self._estimator = Estimator(model, self.groups)
+            most = _pick(self.parts, np.arange(self.num_groups), np.zeros(self.num_groups, dtype=bool),
+                         self.num_groups)
+            if not self._meets_flops(most):
+                raise ValueError(f"target_flops={target_flops} cannot be reached: zeroing every "
+                                 "candidate group that may go removes less")
+        # the group sparsity target lives in the state: with target_flops it is set at the
+        # partition, and a resumed run must find it
+        self.state["dhspg"] = {"step": 0, "redundant": None, "zero": None, "done": False,
+                               "target": float(target_group_sparsity)}
 
     # -- what users log --------------------------------------------------------------------------
     @property
@@ -146,6 +167,11 @@ class DHSPG(torch.optim.Optimizer):
         """Global channel ids of the redundant set (None before the partition step)."""
         redundant = self.state["dhspg"]["redundant"]
         return None if redundant is None else self.channels[redundant.cpu().numpy()]
+
+    @property
+    def target(self) -> float:
+        """The target group sparsity (with ``target_flops``: the one it needs, from the partition)."""
+        return self.state["dhspg"]["target"]
 
     @property
     def target_reached(self) -> bool:
@@ -269,7 +295,8 @@ class DHSPG(torch.optim.Optimizer):
 
     def _partition(self, directions: dict) -> torch.Tensor:
         """The redundant set: top ⌊(target+tolerance)·|G|⌋ by 0.5·cos(x, d) + 0.5/mean|x| (each
-        term divided by its largest magnitude), never a whole ptsp group or producer."""
+        term divided by its largest magnitude), never a whole ptsp group or producer. With
+        ``target_flops`` the target is first set to the fewest groups of that order that cut it."""
         norms, xd, dd = self._stats(directions)
         cos = torch.where(norms * dd.sqrt() > 0, xd / (norms * dd.sqrt()).clamp_min(1e-30), 0)
         abs_sum, count = self._sums(lambda x, d: x.abs().sum(1), lambda x, d: x.new_full((len(x),), x.shape[1]))
@@ -277,10 +304,23 @@ class DHSPG(torch.optim.Optimizer):
         inv = torch.where(mean_abs > 0, 1 / mean_abs.clamp_min(1e-30), 0)
         score = 0.5 * cos / cos.abs().max().clamp_min(1e-30) + 0.5 * inv / inv.abs().max().clamp_min(1e-30)
         score = torch.where(mean_abs > 0, score, torch.full_like(score, math.inf))  # zero: redundant
-        want = math.floor(min(self.target + self.tolerance, 1.0) * self.num_groups)
         order = torch.argsort(score.cpu(), descending=True, stable=True).numpy()
-        taken = _pick(self.parts, order, np.zeros(self.num_groups, dtype=bool), want)
-        return torch.as_tensor(taken, device=score.device)
+        none = np.zeros(self.num_groups, dtype=bool)
+        if self.target_flops is not None:  # the fewest groups, in this order, that cut enough
+            lo, hi = 0, self.num_groups
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if self._meets_flops(_pick(self.parts, order, none, mid)) else (mid + 1, hi)
+            self.state["dhspg"]["target"] = lo / self.num_groups
+        want = math.floor(min(self.target + self.tolerance, 1.0) * self.num_groups + 1e-9)
+        return torch.as_tensor(_pick(self.parts, order, none, want), device=score.device)
+
+    def _meets_flops(self, taken: np.ndarray) -> bool:
+        """Whether removing the candidate groups ``taken`` cuts the FLOPs by ``target_flops``."""
+        removed = np.zeros(self.groups.num_channels, dtype=bool)
+        removed[self.channels[taken]] = True
+        goal = (1 - self.target_flops) * self._estimator.flops_before
+        return self._estimator.flops(removed) <= goal
 
     def _shrink(self, directions: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per group, the factor s = α·λ_g/‖x_g‖ of the shrinking term, and the half-space ratio
@@ -366,7 +406,7 @@ class OTO:
         before = count(self.model, self.inputs)
         settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
         plan = {"method": "dhspg",
-                "dhspg": {**settings, "target_group_sparsity": opt.target,
+                "dhspg": {**settings, "target_group_sparsity": opt.target, "target_flops": opt.target_flops,
                           "tolerance_group_sparsity": opt.tolerance, "group_divisible": q,
                           "steps": opt.state["dhspg"]["step"]},
                 **record(self.model, slim, self.groups, removed, kept, self.inputs, before),

@@ -39,20 +39,24 @@ FIELDS = ["model", "mode", "variant", "target", "group_sparsity", "epochs", "ste
 def train(acc, model: torch.nn.Module, data: training.Data, *, epochs: float, steps: int | None = None,
           batch: int = 128, lr: float = 0.1, variant: str = "sgd", target: float | None = 0.5,
           epsilon: float = 0.0, start: float = 0.25, weight_decay: float = 1e-4, seed: int = 0,
-          state: Path | None = None) -> tuple[ptsp.OTO | None, dict]:
+          state: Path | None = None, target_flops: float | None = None) -> tuple[ptsp.OTO | None, dict]:
     """Train ``model`` from its current weights with DHSPG towards ``target`` group sparsity
-    (``None``: the plain optimiser with the same schedule): cosine schedule, partition after
-    ``start`` of the steps. Returns the OTO (None when dense) and the loop's statistics."""
+    (``None``: the plain optimiser with the same schedule), or towards ``target_flops`` fewer
+    FLOPs, exactly (no tolerance: the redundant set is what the target needs): cosine schedule,
+    partition after ``start`` of the steps. Returns the OTO (None when dense) and the loop's
+    statistics."""
     loader = training.loader(data.train, batch, seed)
     steps = steps or training.steps_for(epochs, len(loader), acc)
     momentum = 0.9 if variant == "sgd" else None
     oto = None
-    if target is None:
+    if target is None and target_flops is None:
         optimizer = (torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=weight_decay)
                      if variant == "sgd" else torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay))
     else:
         oto = ptsp.OTO(model, data.test[0][0][None])
-        optimizer = oto.dhspg(lr=lr, variant=variant, target_group_sparsity=target, epsilon=epsilon,
+        by = ({"target_group_sparsity": target} if target_flops is None
+              else {"target_flops": target_flops, "tolerance_group_sparsity": 0.0})
+        optimizer = oto.dhspg(lr=lr, variant=variant, **by, epsilon=epsilon,
                               start_pruning_steps=max(1, int(start * steps)), first_momentum=momentum,
                               weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -71,6 +75,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--variant", choices=["sgd", "adam", "adamw"], default="sgd")
     ap.add_argument("--target", type=float, default=0.5, help="target group sparsity")
+    ap.add_argument("--target-flops", type=float,
+                    help="target fraction of FLOPs removed, exactly (instead of --target)")
     ap.add_argument("--epsilon", type=float, default=0.0)
     ap.add_argument("--start", type=float, default=0.25, help="partition after this fraction of steps")
     ap.add_argument("--weight-decay", type=float, default=1e-4)
@@ -90,6 +96,7 @@ def main() -> None:
     oto, stats = train(accelerator, model, data, epochs=args.epochs, steps=args.steps,
                        batch=args.batch, lr=args.lr, variant=args.variant,
                        target=None if args.dense else args.target, epsilon=args.epsilon,
+                       target_flops=None if args.dense else args.target_flops,
                        start=args.start, weight_decay=args.weight_decay, seed=args.seed,
                        state=args.state)
     seconds, steps = stats["seconds"], stats["steps"]
@@ -103,7 +110,8 @@ def main() -> None:
         raise SystemExit(f"ranks disagree: parameters {sums}, sparsity {sparsities}")
     full = full.cpu()
     row = {"model": args.model, "mode": "dense" if args.dense else "dhspg", "variant": args.variant,
-           "target": "" if args.dense else args.target,
+           "target": "" if args.dense else args.target if args.target_flops is None
+           else f"−{args.target_flops:.0%} FLOPs",
            "epochs": round(steps * args.batch * accelerator.num_processes / len(data.train), 2),
            "steps": steps, "top1": f"{reference.evaluate(full, test_x, test_labels):.2f}",
            "processes": accelerator.num_processes, "seconds": round(seconds)}

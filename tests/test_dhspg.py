@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -64,6 +65,35 @@ def test_target_is_never_overshot():
     _train(model, opt, 40)
     assert opt.target_reached
     assert opt.group_sparsity == math.ceil(0.3 * opt.num_groups) / opt.num_groups
+
+
+def test_flops_target_is_met_to_one_channel_and_survives_a_resume():
+    """target_flops sets the group target at the partition: with no tolerance every redundant
+    group is zeroed, the FLOPs fall to the target, and one group fewer would not reach it."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    oto = ptsp.OTO(model, X[:1])
+    opt = oto.dhspg(lr=0.1, target_flops=0.5, tolerance_group_sparsity=0.0, start_pruning_steps=10)
+    assert opt.target == 0.5  # target_group_sparsity's until the partition
+    _train(model, opt, 30)
+    assert opt.target_reached
+    zero = opt.zero_channels()
+    assert opt.target == len(zero) / opt.num_groups != 0.5
+    assert sorted(zero.tolist()) == sorted(opt.redundant_groups.tolist())
+    plan = ptsp.plan_of(oto.compress())
+    assert plan["flops"]["after"] <= 0.5 * plan["flops"]["before"]
+    estimator = ptsp.counting.Estimator(model, oto.groups)
+
+    def spared(channel):
+        removed = np.zeros(oto.groups.num_channels, dtype=bool)
+        removed[zero[zero != channel]] = True
+        return estimator.flops(removed)
+    # the last group the partition took was needed: sparing it misses the target
+    assert any(spared(c) > 0.5 * plan["flops"]["before"] for c in zero)
+    again = ptsp.OTO(model, X[:1]).dhspg(lr=0.1, target_flops=0.5, tolerance_group_sparsity=0.0,
+                                          start_pruning_steps=10)
+    again.load_state_dict(opt.state_dict())
+    assert again.target == opt.target and again.target_reached
 
 
 def test_resume_from_state_dict_continues_identically(tmp_path):
@@ -165,6 +195,8 @@ def test_only_zero_invariant_channels_are_candidates():
     ({"start_pruning_steps": -1}, "start_pruning_steps must be an integer"),
     ({"pruning_steps": 0}, "pruning_steps must be a positive integer"),
     ({"weight_decay_type": "group"}, "weight_decay_type"),
+    ({"target_flops": 1.0}, "target_flops must be in \\(0, 1\\)"),
+    ({"target_flops": 0.999}, "target_flops=0.999 cannot be reached"),
 ])
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
