@@ -57,10 +57,13 @@ class DHSPG(torch.optim.Optimizer):
             crosses the origin's half-space; tutorials use 0.9-0.95).
         target_group_sparsity: fraction of candidate groups to zero, in (0, 1).
         target_flops: fraction of the model's FLOPs to remove, in (0, 1), instead of a group
-            sparsity (ptsp's addition): at the partition step the target becomes the fewest
-            groups, taken in redundancy order, whose removal cuts the FLOPs by this much. Zeroed
-            are the smallest of the redundant set, so the FLOPs cut is this to within one channel
-            when ``tolerance_group_sparsity=0`` (the redundant set is then exactly those groups)
+            sparsity (ptsp's addition): at the partition step the redundant set is taken evenly
+            across the ptsp groups (the most redundant channels of each), and the target becomes
+            the fewest such channels whose removal cuts the FLOPs by this much. Evenly, as the
+            score alone picks the cheap late channels first: on resnet10t half the FLOPs then took
+            79% of the groups, and the model (35% top-1 against 92%). Zeroed are the smallest of
+            the redundant set, so the FLOPs cut is this to within one channel when
+            ``tolerance_group_sparsity=0`` (the redundant set is then exactly those channels)
             and close to it otherwise.
         tolerance_group_sparsity: extra fraction in the redundant set.
         start_pruning_steps: sets ``partition_step`` and ``half_space_project_steps`` unless given.
@@ -138,6 +141,10 @@ class DHSPG(torch.optim.Optimizer):
         self.channels, self.parts = _candidates(model, self.groups, inputs)
         self._slices = _producer_slices(model, self.groups, self.channels)
         self.target_flops = None if target_flops is None else float(target_flops)
+        owner = np.empty(self.groups.num_channels, dtype=np.int64)
+        for g in self.groups:
+            owner[g.ids] = g.index
+        self._group_of = owner[self.channels]  # each candidate's ptsp group
         self._estimator = None
         if target_flops is not None:
             self._estimator = Estimator(model, self.groups)
@@ -296,7 +303,8 @@ class DHSPG(torch.optim.Optimizer):
     def _partition(self, directions: dict) -> torch.Tensor:
         """The redundant set: top ⌊(target+tolerance)·|G|⌋ by 0.5·cos(x, d) + 0.5/mean|x| (each
         term divided by its largest magnitude), never a whole ptsp group or producer. With
-        ``target_flops`` the target is first set to the fewest groups of that order that cut it."""
+        ``target_flops`` the order is spread evenly over the ptsp groups, and the target set to
+        the fewest groups of it that cut the FLOPs enough."""
         norms, xd, dd = self._stats(directions)
         cos = torch.where(norms * dd.sqrt() > 0, xd / (norms * dd.sqrt()).clamp_min(1e-30), 0)
         abs_sum, count = self._sums(lambda x, d: x.abs().sum(1), lambda x, d: x.new_full((len(x),), x.shape[1]))
@@ -307,6 +315,7 @@ class DHSPG(torch.optim.Optimizer):
         order = torch.argsort(score.cpu(), descending=True, stable=True).numpy()
         none = np.zeros(self.num_groups, dtype=bool)
         if self.target_flops is not None:  # the fewest groups, in this order, that cut enough
+            order = self._evenly(order)
             lo, hi = 0, self.num_groups
             while lo < hi:
                 mid = (lo + hi) // 2
@@ -314,6 +323,18 @@ class DHSPG(torch.optim.Optimizer):
             self.state["dhspg"]["target"] = lo / self.num_groups
         want = math.floor(min(self.target + self.tolerance, 1.0) * self.num_groups + 1e-9)
         return torch.as_tensor(_pick(self.parts, order, none, want), device=score.device)
+
+    def _evenly(self, order: np.ndarray) -> np.ndarray:
+        """``order`` interleaved across the ptsp groups: each group's candidates keep their order
+        and any prefix holds about the same fraction of every group."""
+        group = self._group_of[order]
+        sizes = np.bincount(self._group_of)
+        rank = np.empty(len(order))
+        seen: dict[int, int] = {}
+        for j, g in enumerate(group.tolist()):
+            rank[j] = (seen.get(g, 0) + 0.5) / sizes[g]
+            seen[g] = seen.get(g, 0) + 1
+        return order[np.argsort(rank, kind="stable")]
 
     def _meets_flops(self, taken: np.ndarray) -> bool:
         """Whether removing the candidate groups ``taken`` cuts the FLOPs by ``target_flops``."""

@@ -80,6 +80,9 @@ def test_flops_target_is_met_to_one_channel_and_survives_a_resume():
     zero = opt.zero_channels()
     assert opt.target == len(zero) / opt.num_groups != 0.5
     assert sorted(zero.tolist()) == sorted(opt.redundant_groups.tolist())
+    # taken evenly: every ptsp group (16 to 64 channels) loses about the same fraction
+    fractions = [np.isin(g.ids, zero).mean() for g in oto.groups if np.isin(g.ids, opt.channels).any()]
+    assert len(fractions) == 4 and max(fractions) - min(fractions) <= 1 / 16
     plan = ptsp.plan_of(oto.compress())
     assert plan["flops"]["after"] <= 0.5 * plan["flops"]["before"]
     estimator = ptsp.counting.Estimator(model, oto.groups)
