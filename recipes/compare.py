@@ -15,7 +15,7 @@ reduction (30/50/70%), on the same data and the same 512 unlabeled calibration i
 - ``dhspg``: OTOv2 from scratch (``recipes/dhspg.py``'s recipe, as many epochs as the reference
   model), then compressed, at the same FLOPs reduction: ``target_flops=level`` with no tolerance
   (OTOv2 itself only targets a fraction of zero channel groups, which leaves the FLOPs to chance:
-  at 1 − √(1 − level) of the groups it removed 5–13% of them, the cheap late channels);
+  at 1 − √(1 − level) of the groups it removed only 5–13% of the FLOPs, the cheap late channels);
 - ``finetune``: the psp model trained ``--finetune-epochs`` more with the reference recipe at a
   tenth of its learning rate;
 - ``scratch-e`` / ``scratch-b``: psp's architecture from random init, trained as long as the
