@@ -142,12 +142,12 @@ class DHSPG(torch.optim.Optimizer):
         self.channels, self.parts = _candidates(model, self.groups, inputs)
         self._slices = _producer_slices(model, self.groups, self.channels)
         self.target_flops = None if target_flops is None else float(target_flops)
-        owner = np.empty(self.groups.num_channels, dtype=np.int64)
-        for g in self.groups:
-            owner[g.ids] = g.index
-        self._group_of = owner[self.channels]  # each candidate's ptsp group
         self._estimator = None
         if target_flops is not None:
+            owner = np.empty(self.groups.num_channels, dtype=np.int64)
+            for g in self.groups:
+                owner[g.ids] = g.index
+            self._group_of = owner[self.channels]  # each candidate's ptsp group
             self._estimator = Estimator(model, self.groups)
             most = _pick(self.parts, np.arange(self.num_groups), np.zeros(self.num_groups, dtype=bool),
                          self.num_groups)
