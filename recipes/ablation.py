@@ -26,7 +26,7 @@ import ptsp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "ablation.csv"
-FIELDS = ["model", "level", "variant", "top1", "dense_top1", "seconds", "importance", "plan", "defaults"]
+FIELDS = ["model", "level", "variant", "top1", "agree", "dense_top1", "seconds", "importance", "plan", "defaults"]
 #: the defaults a row's variant departs from (rows made before this column existed: empty)
 DEFAULTS = table.defaults_line()
 #: single changes from the defaults
@@ -43,6 +43,8 @@ SINGLE: dict[str, dict] = {
     "bn=none": {"bn": "none"},
     "lr=1e-3": {"lr": 1e-3},
     "lr=3e-3": {"lr": 3e-3},
+    "phase1_lr=3e-4": {"phase1_lr": 3e-4},
+    "phase1_lr=1e-3": {"phase1_lr": 1e-3},
     "phase1_passes=5": {"phase1_passes": 5},
     "phase1_passes=10": {"phase1_passes": 10},
 }
@@ -75,7 +77,8 @@ def main() -> None:
         model = reference.load(name)
         test_x, test_labels, train_x = reference.prepared(model)
         calib = ptsp.data.calibration_loader(train_x, 512, 64, seed=0)
-        dense = reference.evaluate(model, test_x, test_labels)
+        teacher = reference.predictions(model, test_x)
+        dense = reference.percent(teacher == test_labels)
         for variant in args.variants:
             if (name, str(args.level), variant, args.importance, f"{dense:.2f}", DEFAULTS) in done:
                 continue
@@ -83,9 +86,11 @@ def main() -> None:
             t0 = time.perf_counter()
             pruned = ptsp.prune(model, calib, args.level, target="flops", reconstruction=settings,
                                 importance=args.importance)
+            pred = reference.predictions(pruned, test_x)
             row = {"model": name, "level": str(args.level), "variant": variant,
                    "importance": args.importance, "plan": ptsp.plan_of(pruned)["importance"],
-                   "top1": f"{reference.evaluate(pruned, test_x, test_labels):.2f}",
+                   "top1": f"{reference.percent(pred == test_labels):.2f}",
+                   "agree": f"{reference.percent(pred == teacher):.2f}",
                    "dense_top1": f"{dense:.2f}", "seconds": f"{time.perf_counter() - t0:.0f}",
                    "defaults": DEFAULTS}
             print(row, flush=True)
@@ -98,7 +103,8 @@ def write_report() -> None:
     lines = ["# psp ablation (Fashion-MNIST reference models)", "",
              "Regenerate: `python recipes/ablation.py` (CPU). Top-1 (%) on the 10k test images after "
              "psp pruning with one `ptsp.Reconstruction` field changed from the defaults; same 512 "
-             "unlabeled calibration images for every row. importance is the option given to "
+             "unlabeled calibration images for every row; agree: the share of test images on which "
+             "the pruned model predicts what the dense model does (rows before that column: –). importance is the option given to "
              "`ptsp.prune` (rows before `importance=\"auto\"` existed say l2; they also predate the fix "
              "that copies teacher outputs later modified in place, commit 3e1e14b), plan the "
              "criterion it planned with; \"vs defaults\" compares with the defaults row of the same "
@@ -108,8 +114,8 @@ def write_report() -> None:
              "defaults row but densenet121's at dense 86.60 and mobilenetv3_large_100's at 71.81 "
              "ran `bn=\"reestimate\"`, the default until `\"train+reestimate\"` replaced it, and "
              "all of them `lr=1e-3` and `max_ratio=1.0`.", "",
-             "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | dense | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | agree | dense | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     def key(r: dict) -> tuple:
         return r["model"], r["level"], r["importance"], r["dense_top1"], r.get("defaults") or ""
 
@@ -118,7 +124,8 @@ def write_report() -> None:
         ref = base.get(key(r))
         delta = f"{float(r['top1']) - ref:+.2f}" if ref is not None else "–"
         lines.append(f"| {r['model']} | {float(r['level']):.0%} | {r['importance']} | {r['plan']} | "
-                     f"{r['variant']} | {r['top1']} | {delta} | {r['dense_top1']} | {r['seconds']} |")
+                     f"{r['variant']} | {r['top1']} | {delta} | {r.get('agree') or '–'} | {r['dense_top1']} | "
+                     f"{r['seconds']} |")
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
 

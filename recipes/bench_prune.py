@@ -23,6 +23,7 @@ import timm
 import torch
 
 import ptsp
+import table
 from ptsp.reconstruction import autocast
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -97,15 +98,15 @@ def main() -> None:
     cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
            f"{args.samples} --batch {args.batch} --runs {args.runs} --phase1-passes "
            f"{args.phase1_passes} --phase2-passes {args.phase2_passes}")
-    table = ["| model | input | samples | passes (1+2) | pipeline s | floor s | ratio |", "|---|---|---|---|---|---|---|",
+    rows_md = ["| model | input | samples | passes (1+2) | pipeline s | floor s | ratio |", "|---|---|---|---|---|---|---|",
              f"| {args.model} | {args.size}×{args.size} | {args.samples} | {args.phase1_passes}+{args.phase2_passes} "
              f"| {pipe:.1f} | {floor:.1f} | {ratio:.2f} |"]
-    print("\n".join(table))
+    print("\n".join(rows_md))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_prune.md"
     text = out.read_text() if out.exists() else "# psp pipeline vs the compute floor (CPU, medians)\n"
-    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, {torch.get_num_threads()} threads)\n\n"
-                   + "\n".join(table) + "\n")
+    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, {table.cpu()})\n\n"
+                   + "\n".join(rows_md) + "\n")
 
 
 if __name__ == "__main__":

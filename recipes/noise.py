@@ -34,16 +34,6 @@ METHODS = ("bn", "layerwise", "global", "psp")
 DEFAULTS = table.defaults_line()
 
 
-def predictions(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """The predicted class of every image: top-1 and the agreement both come from one pass."""
-    with torch.no_grad():
-        return torch.cat([model.eval()(part).argmax(1) for part in x.split(batch)])
-
-
-def percent(hits: torch.Tensor) -> float:
-    return hits.float().mean().item() * 100
-
-
 def run(models: list[str], level: float, seeds: list[int], methods: list[str]) -> None:
     done = {(r["model"], r["level"], r["method"], r["seed"], r["dense_top1"], r["defaults"])
             for r in table.rows(CSV)}
@@ -51,8 +41,8 @@ def run(models: list[str], level: float, seeds: list[int], methods: list[str]) -
     for name in models:
         model = reference.load(name)
         test_x, test_labels, train_x = reference.prepared(model)
-        teacher = predictions(model, test_x)
-        dense = f"{percent(teacher == test_labels):.2f}"
+        teacher = reference.predictions(model, test_x)
+        dense = f"{reference.percent(teacher == test_labels):.2f}"
         for seed in seeds:
             calib = ptsp.data.calibration_loader(train_x, 512, 64, seed=seed)
             for method in methods:
@@ -62,10 +52,10 @@ def run(models: list[str], level: float, seeds: list[int], methods: list[str]) -
                 pruned = ptsp.prune(model, calib, level, method=method, target="flops",
                                     reconstruction=ptsp.Reconstruction(progress=False))
                 seconds = time.perf_counter() - t0
-                pred = predictions(pruned, test_x)
+                pred = reference.predictions(pruned, test_x)
                 row = {"model": name, "level": str(level), "method": method, "seed": str(seed),
-                       "top1": f"{percent(pred == test_labels):.2f}",
-                       "agree": f"{percent(pred == teacher):.2f}", "dense_top1": dense, "seconds": f"{seconds:.0f}",
+                       "top1": f"{reference.percent(pred == test_labels):.2f}",
+                       "agree": f"{reference.percent(pred == teacher):.2f}", "dense_top1": dense, "seconds": f"{seconds:.0f}",
                        "defaults": DEFAULTS}
                 print(row, flush=True)
                 table.append(CSV, FIELDS, row)

@@ -71,6 +71,18 @@ def prepared(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.
             fashion_mnist.prepare(fashion_mnist.load("train")[0], SIZE, mean, std))
 
 
+def predictions(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """The predicted class of every prepared image in ``x``: a model's top-1 and its agreement with
+    another model's predictions both come from one pass."""
+    with torch.no_grad():
+        return torch.cat([model.eval()(part).argmax(1) for part in x.split(batch)])
+
+
+def percent(hits: torch.Tensor) -> float:
+    """The share of true entries of a boolean tensor, in percent."""
+    return hits.float().mean().item() * 100
+
+
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
     """Top-1 accuracy (%) of ``model`` on prepared images ``x`` with labels ``y``."""
     return training.top1(model, zip(x.split(batch), y.split(batch)))

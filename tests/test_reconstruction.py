@@ -267,6 +267,30 @@ def test_fade_ends_phase1_with_the_doomed_entries_at_zero(trained, fmnist):
         assert torch.allclose(apply(copy.deepcopy(student), kept).eval()(x), student.eval()(x), atol=1e-5)
 
 
+def test_phase1_lr_sets_only_phase_one_rate(trained, fmnist):
+    """``phase1_lr`` is phase 1's learning rate: phase 1 under (lr=a, phase1_lr=b) is phase 1 under
+    lr=b, and not under lr=a."""
+    x = fmnist[0][:128]
+    groups = build_groups(trained, x[:1])
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    for g in groups:
+        removed[g.ids[::2]] = g.prunable
+    kept = kept_indices(groups, removed)
+
+    def squeezed(**settings: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        student = copy.deepcopy(trained)
+        phase1(student, copy.deepcopy(trained), list(x.split(64)), kept,
+               doomed_masks(student, groups, removed),
+               Reconstruction(phase1_passes=2, progress=False, amp=False, **settings),
+               probe=apply(copy.deepcopy(trained), kept))
+        return [v for v in student.state_dict().values() if v.is_floating_point()]
+
+    split = squeezed(lr=1e-2, phase1_lr=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(split, squeezed(lr=1e-4)))
+    assert not all(torch.equal(a, b) for a, b in zip(split, squeezed(lr=1e-2)))
+
+
 def test_balanced_rates_follow_execution_order():
     model = OutOfOrder()
     x = torch.randn(1, 3, 8, 8)
@@ -355,7 +379,8 @@ def test_non_finite_loss_stops_and_restores(trained, fmnist):
 
 @pytest.mark.parametrize("changes,match", [
     ({"penalty": "l1"}, "penalty"), ({"bn": "freeze"}, "bn"), ({"phase1_passes": -1}, "phase1_passes"),
-    ({"lr": 0}, "lr"), ({"lmbda": float("nan")}, "lmbda"), ({"micro_batch": 0}, "micro_batch"),
+    ({"lr": 0}, "lr"), ({"phase1_lr": 0.0}, "phase1_lr"), ({"phase1_lr": True}, "phase1_lr"),
+    ({"lmbda": float("nan")}, "lmbda"), ({"micro_batch": 0}, "micro_batch"),
     ({"balance": "all"}, "balance"), ({"order": "random"}, "order"), ({"phase1_targets": "x"}, "phase1_targets"),
     ({"micro_batch": 1}, "two images"),
 ])
