@@ -53,9 +53,9 @@ class Reconstruction:
         phase1_lr: phase 1's learning rate (None: ``lr``). Lower, it moves the kept weights less
             while the doomed ones shrink (more slowly): a trade-off, so not the default. At 50%
             fewer FLOPs, 3e-4 kept 99.4% of deit_tiny's dense test predictions against 97.1%, at
-            the same top-1, and resnet18 gained 0.09 points (0.12 with 1e-3); mobilenetv3 and resnet10t, where
-            phase 1 carries more of the information, lost 0.70 and 0.73 (with 1e-3: 0.69 and
-            0.16; recipes/results/ablation.md).
+            the same top-1, and resnet18 gained 0.09 points (0.12 with 1e-3); mobilenetv3 and
+            resnet10t, where phase 1 carries more of the information, lost 0.70 and 0.73 (with
+            1e-3: 0.69 and 0.16; recipes/results/ablation.md).
         penalty: "replace" replaces the doomed slices' gradient by ``λ·lr·W`` (the code): under
             Adam a step of about lr toward zero, so small weights reach zero in a few steps while
             norm scales near 1 are only partly shrunk; "l2" adds the gradient of a growing L2

@@ -98,9 +98,10 @@ def main() -> None:
     cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
            f"{args.samples} --batch {args.batch} --runs {args.runs} --phase1-passes "
            f"{args.phase1_passes} --phase2-passes {args.phase2_passes}")
-    rows_md = ["| model | input | samples | passes (1+2) | pipeline s | floor s | ratio |", "|---|---|---|---|---|---|---|",
-             f"| {args.model} | {args.size}×{args.size} | {args.samples} | {args.phase1_passes}+{args.phase2_passes} "
-             f"| {pipe:.1f} | {floor:.1f} | {ratio:.2f} |"]
+    rows_md = ["| model | input | samples | passes (1+2) | pipeline s | floor s | ratio |",
+               "|---|---|---|---|---|---|---|",
+               f"| {args.model} | {args.size}×{args.size} | {args.samples} | {args.phase1_passes}+{args.phase2_passes} "
+               f"| {pipe:.1f} | {floor:.1f} | {ratio:.2f} |"]
     print("\n".join(rows_md))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_prune.md"
