@@ -246,15 +246,20 @@ def test_doomed_masks_cover_rows_columns_and_norm():
     assert masks[id(nxt.weight)][:, :3].all() and not masks[id(nxt.weight)][:, 3:].any()
 
 
+def _every_other_channel(model: nn.Module, x: torch.Tensor) -> tuple:
+    """The groups of ``model`` and a removal of every other channel of each prunable group."""
+    groups = build_groups(model, x[:1])
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    for g in groups:
+        removed[g.ids[::2]] = g.prunable
+    return groups, removed, kept_indices(groups, removed)
+
+
 def test_fade_ends_phase1_with_the_doomed_entries_at_zero(trained, fmnist):
     """Under ``penalty="fade"`` the doomed entries take no gradient step and reach exactly zero on
     the last step, so removing them changes nothing; the kept weights are trained meanwhile."""
     x = fmnist[0][:128]
-    groups = build_groups(trained, x[:1])
-    removed = np.zeros(groups.num_channels, dtype=bool)
-    for g in groups:
-        removed[g.ids[::2]] = g.prunable
-    kept = kept_indices(groups, removed)
+    groups, removed, kept = _every_other_channel(trained, x)
     student = copy.deepcopy(trained)
     masks = doomed_masks(student, groups, removed)
     before = [p.detach().clone() for p, _ in masks]
@@ -271,11 +276,7 @@ def test_phase1_lr_sets_only_phase_one_rate(trained, fmnist):
     """``phase1_lr`` is phase 1's learning rate: phase 1 under (lr=a, phase1_lr=b) is phase 1 under
     lr=b, and not under lr=a."""
     x = fmnist[0][:128]
-    groups = build_groups(trained, x[:1])
-    removed = np.zeros(groups.num_channels, dtype=bool)
-    for g in groups:
-        removed[g.ids[::2]] = g.prunable
-    kept = kept_indices(groups, removed)
+    groups, removed, kept = _every_other_channel(trained, x)
 
     def squeezed(**settings: float) -> list[torch.Tensor]:
         torch.manual_seed(0)
