@@ -3,7 +3,7 @@ no hooks, loss bookkeeping, planning or surgery.
 
 The floor replays, on the same model and data, what the pipeline must compute: phase 1 (teacher
 forward, student forward and backward, Adam step) on the dense model, phase 2 the same on the
-pruned model (both under the pipeline's bfloat16 autocast where it applies), the two BatchNorm
+pruned model (the teacher forward in the first pass only where the phase cached its activations) (both under the pipeline's bfloat16 autocast where it applies), the two BatchNorm
 re-estimation forwards, and the passes of the default ``importance="auto"``: a Taylor forward and
 backward (again after phase 1 when it picks taylor), the original's forward and, per candidate
 plan, a BatchNorm re-estimation and an evaluation forward.
@@ -32,20 +32,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list[torch.Tensor],
                   settings: ptsp.Reconstruction) -> float:
     """Wall time of the bare passes the pipeline needs."""
-    def passes(student: torch.nn.Module, teacher: torch.nn.Module, n: int) -> None:
+    def passes(student: torch.nn.Module, teacher: torch.nn.Module, phase: str) -> None:
         optimiser = torch.optim.Adam(student.parameters(), settings.lr)
-        for _ in range(n):
+        cached = report[phase].get("teacher_cached", False)
+        for j in range(report[phase]["passes"]):
             for x in batches:
                 with autocast(x.device, settings.amp):
-                    with torch.no_grad():
-                        teacher(x)
+                    if j == 0 or not cached:
+                        with torch.no_grad():
+                            teacher(x)
                     out = student(x)
                 optimiser.zero_grad()
                 out.float().pow(2).mean().backward()
                 optimiser.step()
 
     teacher = copy.deepcopy(model).eval()
-    auto = ptsp.plan_of(pruned)["report"].get("importance", {})
+    report = ptsp.plan_of(pruned)["report"]
+    auto = report.get("importance", {})
     t0 = time.perf_counter()
     if auto:
         work = copy.deepcopy(model).eval()
@@ -56,8 +59,8 @@ def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list
             for _ in range(1 + 2 * len(auto)):
                 for x in batches:
                     teacher(x)
-    passes(copy.deepcopy(model).eval(), teacher, settings.phase1_passes)
-    passes(copy.deepcopy(pruned).eval(), teacher, settings.phase2_passes)
+    passes(copy.deepcopy(model).eval(), teacher, "phase1")
+    passes(copy.deepcopy(pruned).eval(), teacher, "phase2")
     with torch.no_grad():
         for _ in range(2):
             for x in batches:

@@ -18,7 +18,8 @@ import ptsp
 from ptsp.groups import build_groups
 from ptsp.reconstruction import (_CHUNK, Reconstruction, _Hooks, _modified_in_place,
                                  _param_groups, _pieces, _RelativeError, _selections, _Target,
-                                 doomed_masks, join_single_images, phase1, reestimate_bn)
+                                 doomed_masks, join_single_images, layer_names, phase1,
+                                 reestimate_bn)
 from ptsp.surgery import apply, kept_indices
 
 from nets import OutOfOrder, SmallCNN
@@ -359,6 +360,39 @@ def test_micro_batches_give_the_same_result(trained, fmnist):
         assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
 
 
+@pytest.mark.parametrize("method,extra", [("psp", {}), ("layerwise", {}),
+                                          ("psp", {"micro_batch": 8, "bn": "reestimate"})])
+def test_teacher_cache_replays_the_teacher_exactly(trained, fmnist, method, extra):
+    calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
+    settings = Reconstruction(phase1_passes=2, phase2_passes=3, progress=False, **extra)
+    runs = {gib: ptsp.prune(trained, calib, 0.5, method=method,
+                            reconstruction=dataclasses.replace(settings, teacher_cache_gb=gib))
+            for gib in (0, None)}
+    phases = [k for k in ("phase1", "phase2") if k in ptsp.plan_of(runs[0])["report"]]
+    assert phases and all(not ptsp.plan_of(runs[0])["report"][k]["teacher_cached"] for k in phases)
+    assert all(ptsp.plan_of(runs[None])["report"][k]["teacher_cached"] for k in phases)
+    for (k, va), vb in zip(runs[0].state_dict().items(), runs[None].state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_teacher_cache_runs_the_teacher_once_per_batch_and_respects_its_budget(trained, fmnist):
+    x = fmnist[0][:12]
+    student, teacher = copy.deepcopy(trained), copy.deepcopy(trained).requires_grad_(False)
+    with torch.no_grad():
+        next(student.parameters()).mul_(0.5)
+    targets = {n: _Target() for n in layer_names(teacher)}
+    batches = [x[:6], x[6:]]
+    for budget, cached in ((2**30, True), (1, False)):
+        runs = []
+        with _Hooks(student, teacher, targets, False, x[:1], budget, len(x)) as hooks:
+            handle = teacher.register_forward_pre_hook(lambda m, a: runs.append(len(a[0])))
+            losses = [[hooks.loss(b, None, i).item() for i, b in enumerate(batches)] for _ in range(3)]
+            handle.remove()
+        assert (hooks.cache is not None) == cached
+        assert runs == [6, 6] * (1 if cached else 3)
+        assert losses[0] == losses[1] == losses[2] and losses[0][0] > 0
+
+
 def test_authors_settings_run(trained, fmnist):
     calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
     settings = Reconstruction.authors(phase1_passes=1, phase2_passes=1, progress=False)
@@ -383,7 +417,8 @@ def test_non_finite_loss_stops_and_restores(trained, fmnist):
     ({"lr": 0}, "lr"), ({"phase1_lr": 0.0}, "phase1_lr"), ({"phase1_lr": True}, "phase1_lr"),
     ({"lmbda": float("nan")}, "lmbda"), ({"micro_batch": 0}, "micro_batch"),
     ({"balance": "all"}, "balance"), ({"order": "random"}, "order"), ({"phase1_targets": "x"}, "phase1_targets"),
-    ({"micro_batch": 1}, "two images"),
+    ({"micro_batch": 1}, "two images"), ({"teacher_cache_gb": -1}, "teacher_cache_gb"),
+    ({"teacher_cache_gb": True}, "teacher_cache_gb"),
 ])
 def test_bad_settings(changes, match):
     with pytest.raises(ValueError, match=match):
