@@ -16,10 +16,10 @@ from torch import nn
 
 import ptsp
 from ptsp.groups import build_groups
-from ptsp.reconstruction import (_CHUNK, Reconstruction, _Hooks, _modified_in_place,
-                                 _param_groups, _pieces, _RelativeError, _selections, _Target,
-                                 doomed_masks, join_single_images, layer_names, phase1,
-                                 reestimate_bn)
+from ptsp.reconstruction import (_CHUNK, Reconstruction, _cache_bytes, _Hooks,
+                                 _modified_in_place, _param_groups, _pieces, _RelativeError,
+                                 _selections, _Target, doomed_masks, join_single_images,
+                                 layer_names, phase1, reestimate_bn)
 from ptsp.surgery import apply, kept_indices
 
 from nets import OutOfOrder, SmallCNN
@@ -391,6 +391,12 @@ def test_teacher_cache_runs_the_teacher_once_per_batch_and_respects_its_budget(t
         assert (hooks.cache is not None) == cached
         assert runs == [6, 6] * (1 if cached else 3)
         assert losses[0] == losses[1] == losses[2] and losses[0][0] > 0
+
+
+def test_teacher_cache_budget_is_the_setting_or_half_the_free_memory():
+    cpu = torch.device("cpu")
+    assert _cache_bytes(0.5, cpu) == 2**29 and _cache_bytes(0, cpu) == 0
+    assert 0 < _cache_bytes(None, cpu) < 2**60
 
 
 def test_authors_settings_run(trained, fmnist):
