@@ -6,9 +6,9 @@
 Each setting runs in a fresh process (peak resident memory is per process): ``ptsp.prune`` with
 ``method="psp"`` on one batch of random images, one pass per phase (more passes repeat the same
 work; they add only the teacher's activations kept between passes, which
-``Reconstruction.teacher_cache_gb`` bounds and 0 turns off). Peak = the process's maximum resident set size, which includes
-the interpreter, torch, the dense model, the teacher, the student and the pruned copy. Writes
-``recipes/results/memory.md``.
+``Reconstruction.teacher_cache_gb`` bounds and 0 turns off). Peak = the process's maximum resident
+set size, which includes the interpreter, torch, the dense model, the teacher, the student and the
+pruned copy. Writes ``recipes/results/memory.md``.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ no hooks, loss bookkeeping, planning or surgery.
 
 The floor replays, on the same model and data, what the pipeline must compute: phase 1 (teacher
 forward, student forward and backward, Adam step) on the dense model, phase 2 the same on the
-pruned model (the teacher forward in the first pass only where the phase cached its activations) (both under the pipeline's bfloat16 autocast where it applies), the two BatchNorm
+pruned model (both under the pipeline's bfloat16 autocast where it applies; the teacher forward in
+the first pass only where the phase kept the teacher's activations), the two BatchNorm
 re-estimation forwards, and the passes of the default ``importance="auto"``: a Taylor forward and
 backward (again after phase 1 when it picks taylor), the original's forward and, per candidate
 plan, a BatchNorm re-estimation and an evaluation forward.

@@ -28,8 +28,9 @@ def defaults() -> dict:
 
 def defaults_line() -> str:
     """Today's defaults as one ``key=value`` line, the column of a results row that keeps each
-    set of defaults apart (progress bars change no result)."""
-    return " ".join(f"{k}={v}" for k, v in defaults().items() if k != "progress")
+    set of defaults apart (progress bars and the teacher cache change no result)."""
+    return " ".join(f"{k}={v}" for k, v in defaults().items()
+                    if k not in ("progress", "teacher_cache_gb"))
 
 
 def cpu(threads: int | None = None) -> str:

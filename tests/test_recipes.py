@@ -186,6 +186,14 @@ def test_a_row_is_stale_when_a_default_it_ran_with_changed():
     assert not table.stale({**row, "max_ratio": ""}, fields, {"max_ratio": str(now["max_ratio"])})
 
 
+def test_the_defaults_line_leaves_out_settings_that_change_no_result():
+    import table
+
+    line = table.defaults_line()
+    assert "lr=" in line and "bn=" in line
+    assert "progress" not in line and "teacher_cache_gb" not in line
+
+
 def test_the_checks_read_the_targets_off_the_rows():
     import compare
 
