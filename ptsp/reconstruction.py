@@ -333,7 +333,7 @@ class _Hooks:
         self.student, self.teacher, self.targets, self.feed = student, teacher, targets, feed
         self.example = example
         self.budget: float | None = cache_bytes  # None once the first batch has decided
-        self.images = images
+        self.total_images = images
         self.cache: dict[Any, dict[str, dict[str, list[torch.Tensor]]]] | None = None
         self.mutated: set[tuple[str, str]] = set()
         self.outputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
@@ -411,7 +411,7 @@ class _Hooks:
         if self.budget is not None:
             size = sum(t.numel() * t.element_size() for q in queues.values() for ts in q.values()
                        for t in ts)
-            self.cache = {} if key is not None and size * self.images <= self.budget * images else None
+            self.cache = {} if key is not None and size * self.total_images <= self.budget * images else None
             self.budget = None
         if self.cache is not None:
             self.cache[key] = {kind: {name: [t.clone() if id(t) in self.owned else t for t in ts]
