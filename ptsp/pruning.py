@@ -111,6 +111,8 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         _check_fits(model, batches[0][:1].to(device))
         if method != "bn" and settings.bn.startswith("train"):
             batches = join_single_images(model, batches)
+        if device.type == "cuda":  # page-locked: each pass's copies then leave the GPU's queue running
+            batches = [b.pin_memory() for b in batches]
 
     times: dict[str, float] = {}
     clock = _Clock(times)

@@ -257,7 +257,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
               balanced: bool, desc: str, feed: bool = False,
               before_step: Callable[[int, dict[int, float]], None] | None = None) -> dict:
     """Adam on the summed relative layer errors; returns the mean loss of every pass. A loss that
-    turns non-finite stops the phase with the best weights seen restored."""
+    turns non-finite stops the phase at the end of that pass with the best weights seen restored."""
     report: dict[str, Any] = {"passes": passes, "layers": len(targets), "loss": []}
     if passes == 0 or not targets:
         return report
@@ -280,31 +280,35 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     try:
         with hooks:
             for j in range(passes):
-                running = 0.0
+                # each batch's losses stay on the device until the pass ends: one host sync per
+                # pass, so an accelerator's queue never drains between steps
+                parts: list[list[torch.Tensor]] = []
                 for i, x in enumerate(batches):
                     optimiser.zero_grad(set_to_none=True)
-                    loss = 0.0
                     pieces = [p.to(device, non_blocking=True) for p in _pieces(x, settings.micro_batch)]
                     if i not in energies and len(pieces) > 1:
                         with autocast(device, settings.amp):
                             energies[i] = hooks.energies(pieces)
+                    parts.append([])
                     for k, piece in enumerate(pieces):
                         with autocast(device, settings.amp):
                             part = hooks.loss(piece, energies.get(i), (i, k))
                         part.backward()
-                        loss += part.item()
+                        parts[-1].append(part.detach())
                     energies[i] = hooks.energy
-                    if not math.isfinite(loss):
-                        student.load_state_dict(best_state)
-                        warnings.warn(f"ptsp: the {desc} loss became non-finite in pass {j + 1}; "
-                                      "stopped it and restored the best weights seen", stacklevel=4)
-                        report["stopped"] = f"non-finite loss in pass {j + 1}"
-                        return report
                     if before_step is not None:
                         before_step(j, lrs)
                     optimiser.step()
-                    running += loss * len(x)
                     bar.update()
+                values = iter(torch.stack([v for b in parts for v in b]).tolist())
+                losses = [sum(next(values) for _ in b) for b in parts]
+                if not all(math.isfinite(v) for v in losses):
+                    student.load_state_dict(best_state)
+                    warnings.warn(f"ptsp: the {desc} loss became non-finite in pass {j + 1}; "
+                                  "stopped it and restored the best weights seen", stacklevel=4)
+                    report["stopped"] = f"non-finite loss in pass {j + 1}"
+                    return report
+                running = sum(v * len(x) for v, x in zip(losses, batches))
                 mean = running / total
                 report["loss"].append(mean)
                 bar.set_postfix(loss=f"{mean:.4g}")
@@ -462,7 +466,7 @@ class _Hooks:
         self.owned.add(id(buf))
         if sel is None or isinstance(sel, str):
             return buf.copy_(t)
-        return torch.index_select(t, sel[0], sel[1].to(t.device), out=buf)
+        return torch.index_select(t, sel[0], sel[1], out=buf)
 
     def _score(self, name: str, target: _Target) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
@@ -585,7 +589,7 @@ def _pick(t: torch.Tensor, sel: Select) -> torch.Tensor:
     if sel is None or isinstance(sel, str):
         return t
     dim, idx = sel
-    return t.index_select(dim, idx.to(t.device))
+    return t.index_select(dim, idx)
 
 
 def _selections(teacher: nn.Module, pruned: nn.Module, kept: Kept,
@@ -594,6 +598,7 @@ def _selections(teacher: nn.Module, pruned: nn.Module, kept: Kept,
     teacher's: None (unchanged), (dim, kept indices) or UNMAPPED."""
     names = layer_names(teacher)
     full, small = _activation_shapes(teacher, names, x), _activation_shapes(pruned, names, x)
+    device = device_of(teacher)  # the indices live where they are used, once
     out: dict[str, tuple[Select, Select]] = {}
     for name in names:
         if name not in full or name not in small:
@@ -601,19 +606,20 @@ def _selections(teacher: nn.Module, pruned: nn.Module, kept: Kept,
         module = teacher.get_submodule(name)
         idx_out = _kept_out(kept.get(name, {}))
         idx_in = _kept_in(module, kept.get(name, {}), idx_out)
-        out[name] = (_select(full[name][0], small[name][0], idx_in),
-                     _select(full[name][1], small[name][1], idx_out))
+        out[name] = (_select(full[name][0], small[name][0], idx_in, device),
+                     _select(full[name][1], small[name][1], idx_out, device))
     return out
 
 
-def _select(full: tuple | None, small: tuple | None, idx: list[int] | None) -> Select:
+def _select(full: tuple | None, small: tuple | None, idx: list[int] | None,
+            device: torch.device) -> Select:
     if full is None or small is None or len(full) != len(small):
         return UNMAPPED
     dims = [d for d, (a, b) in enumerate(zip(full, small)) if a != b]
     if not dims:
         return None
     if len(dims) == 1 and idx is not None and len(idx) == small[dims[0]]:
-        return dims[0], torch.as_tensor(idx, dtype=torch.long)
+        return dims[0], torch.as_tensor(idx, dtype=torch.long, device=device)
     return UNMAPPED
 
 

@@ -11,6 +11,7 @@ plan, a BatchNorm re-estimation and an evaluation forward.
 The ratio is pipeline / floor (target ≤ 1.3). Writes ``recipes/results/bench_prune.md``.
 
     python recipes/bench_prune.py --model resnet18 --size 224 --samples 256
+    python recipes/bench_prune.py --model resnet50 --samples 2048 --device cuda --runs 1
 """
 from __future__ import annotations
 
@@ -32,13 +33,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list[torch.Tensor],
                   settings: ptsp.Reconstruction) -> float:
-    """Wall time of the bare passes the pipeline needs."""
+    """Wall time of the bare passes the pipeline needs, on the model's device (the batches copied
+    there one at a time, as the pipeline does)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+
     def passes(student: torch.nn.Module, teacher: torch.nn.Module, phase: str) -> None:
         optimiser = torch.optim.Adam(student.parameters(), settings.lr)
         cached = report[phase].get("teacher_cached", False)
         for j in range(report[phase]["passes"]):
             for x in batches:
-                with autocast(x.device, settings.amp):
+                x = x.to(device, non_blocking=True)
+                with autocast(device, settings.amp):
                     if j == 0 or not cached:
                         with torch.no_grad():
                             teacher(x)
@@ -55,19 +62,25 @@ def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list
         work = copy.deepcopy(model).eval()
         for _ in range(1 + (ptsp.plan_of(pruned)["importance"] == "taylor")):
             for x in batches:
-                work(x).float().pow(2).mean().backward()
+                work(x.to(device, non_blocking=True)).float().pow(2).mean().backward()
         with torch.no_grad():
             for _ in range(1 + 2 * len(auto)):
                 for x in batches:
-                    teacher(x)
+                    teacher(x.to(device, non_blocking=True))
     passes(copy.deepcopy(model).eval(), teacher, "phase1")
     passes(copy.deepcopy(pruned).eval(), teacher, "phase2")
     with torch.no_grad():
         for _ in range(2):
             for x in batches:
-                pruned.train()(x)
+                pruned.train()(x.to(device, non_blocking=True))
     pruned.eval()
+    _sync(device)
     return time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -80,9 +93,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--phase1-passes", type=int, default=20)
     parser.add_argument("--phase2-passes", type=int, default=10)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=10).eval()
+    model = timm.create_model(args.model, num_classes=10).eval().to(device)
     images = torch.randn(args.samples, 3, args.size, args.size)
     calib = ptsp.data.calibration_loader(images, args.samples, args.batch)
     batches = ptsp.data.read_batches(calib)
@@ -92,7 +107,10 @@ def main() -> None:
     for _ in range(args.runs):
         t0 = time.perf_counter()
         pruned = ptsp.prune(model, calib, args.ratio, target="flops", reconstruction=settings)
+        _sync(device)
         pipeline = time.perf_counter() - t0
+        stages = {k: round(v, 1) for k, v in ptsp.plan_of(pruned)["seconds"].items()}
+        print(f"pipeline {pipeline:.1f} s: {stages}", flush=True)
         floor = floor_seconds(model, pruned, batches, settings)
         rows.append((pipeline, floor))
         print(f"pipeline {pipeline:.1f} s, floor {floor:.1f} s, ratio {pipeline / floor:.2f}", flush=True)
@@ -101,16 +119,19 @@ def main() -> None:
     ratio = statistics.median(r[0] / r[1] for r in rows)
     cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
            f"{args.samples} --batch {args.batch} --runs {args.runs} --phase1-passes "
-           f"{args.phase1_passes} --phase2-passes {args.phase2_passes}")
-    rows_md = ["| model | input | samples | passes (1+2) | pipeline s | floor s | ratio |",
-               "|---|---|---|---|---|---|---|",
-               f"| {args.model} | {args.size}×{args.size} | {args.samples} | {args.phase1_passes}+{args.phase2_passes} "
+           f"{args.phase1_passes} --phase2-passes {args.phase2_passes}"
+           + (f" --device {args.device}" if device.type != "cpu" else ""))
+    where = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+             if device.type == "cuda" else table.cpu())
+    rows_md = ["| model | device | input | samples | passes (1+2) | pipeline s | floor s | ratio |",
+               "|---|---|---|---|---|---|---|---|",
+               f"| {args.model} | {device.type} | {args.size}×{args.size} | {args.samples} | {args.phase1_passes}+{args.phase2_passes} "
                f"| {pipe:.1f} | {floor:.1f} | {ratio:.2f} |"]
     print("\n".join(rows_md))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_prune.md"
-    text = out.read_text() if out.exists() else "# psp pipeline vs the compute floor (CPU, medians)\n"
-    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, {table.cpu()})\n\n"
+    text = out.read_text() if out.exists() else "# psp pipeline vs the compute floor (medians)\n"
+    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, {where})\n\n"
                    + "\n".join(rows_md) + "\n")
 
 

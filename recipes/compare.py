@@ -22,7 +22,8 @@ reduction (30/50/70%), on the same data and the same 512 unlabeled calibration i
   reference model / for the same compute (epochs × FLOPs ratio).
 
 Columns: top-1 on the 10k test images, params, FLOPs, CPU latency (batch 32, median of 11 batches)
-and wall time (pruning plus any training), with the CPU that measured them. Rows are appended to
+and wall time (pruning plus any training), with the machine that measured them (the CPU, and the
+GPU where there is one: pruning and training run on it, latency stays on the CPU). Rows are appended to
 ``recipes/results/compare.csv`` as they finish (rerunning resumes, and measures again the asked rows
 made from a psp model that ran with other ptsp defaults than today's; the table shows each row's);
 ``compare.md`` and ``compare.png`` are redrawn from it. Training runs on every process; pruning,
@@ -126,6 +127,9 @@ class Run:
         self.calib = ptsp.data.calibration_loader(calib_x, args.samples, 64, seed=0)
         self.bench_x = self.data.test.tensors[0][:32]
         self.done = self._keep_rows()
+        # what timed the rows: the CPU (latency, and seconds without a GPU) and any GPU (seconds)
+        gpu = self.acc.device.type == "cuda"
+        self.machine = table.cpu() + (f", {torch.cuda.get_device_name(self.acc.device)}" if gpu else "")
 
     def _keep_rows(self) -> set[tuple[str, str, str]]:
         """The (model, level, method) rows already measured; the asked rows made from a psp model
@@ -152,7 +156,7 @@ class Run:
                      "top1": f"{training.evaluate(model, self.data):.2f}", "dense_top1": dense["top1"],
                      "params": params, "flops": flops, "flops_dense": dense["flops"],
                      "latency_ms": f"{latency_ms(model, self.bench_x):.2f}", "seconds": f"{seconds:.1f}",
-                     "epochs": epochs, "cpu": table.cpu(), **(settings or {})})
+                     "epochs": epochs, "cpu": self.machine, **(settings or {})})
 
     def model(self, name: str) -> None:
         args = self.args
@@ -178,7 +182,8 @@ class Run:
             if "psp" in todo or not psp_path.exists() or table.stale(
                     table.settings(ptsp.plan_of(ptsp.load(psp_path))), SETTINGS, {}):
                 t0 = time.perf_counter()
-                pruned = ptsp.prune(base, self.calib, float(level), target="flops")
+                pruned = ptsp.prune(copy.deepcopy(base).to(acc.device), self.calib, float(level),
+                                    target="flops")
                 seconds = time.perf_counter() - t0
                 self.artifacts.mkdir(parents=True, exist_ok=True)
                 ptsp.save(pruned, psp_path, overwrite=True, model_args=reference.MODELS[name] or None)

@@ -52,6 +52,22 @@ def test_round_trip_is_bit_identical_and_keeps_the_plan(pruned, saved):
     assert all(t.data_ptr() % 64 == 0 for t in loaded.state_dict().values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_model_pruned_on_cuda_saves_and_loads_onto_either_device(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1).eval().cuda()
+    pruned = ptsp.prune(model, None, 0.5, method="magnitude", target="flops", example_inputs=X[:1].cuda())
+    assert next(pruned.parameters()).is_cuda
+    path = ptsp.save(pruned, tmp_path / "gpu.safetensors")
+    for device in ("cpu", "cuda"):
+        loaded = ptsp.load(path, device=device)
+        assert {t.device.type for t in loaded.state_dict().values()} == {device}
+        assert all(torch.equal(a.cpu(), b.cpu()) for a, b in
+                   zip(pruned.state_dict().values(), loaded.state_dict().values()))
+        with torch.no_grad():
+            assert torch.allclose(loaded(X.to(device)).cpu(), pruned(X.cuda()).cpu(), atol=1e-4)
+
+
 def test_fresh_process_gives_identical_outputs(pruned, saved, tmp_path):
     torch.save(_outputs(pruned), tmp_path / "expected.pt")
     torch.save(X, tmp_path / "x.pt")

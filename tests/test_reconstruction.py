@@ -66,16 +66,23 @@ def _top1(model, x, y):
         return (model.eval()(x).argmax(1) == y).float().mean().item() * 100
 
 
-def test_psp_keeps_clearly_more_accuracy_than_magnitude_and_bn(trained, fmnist):
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_psp_keeps_clearly_more_accuracy_than_magnitude_and_bn(trained, fmnist, device):
     x, _, test_x, test_y = fmnist
+    model = copy.deepcopy(trained).to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
     calib = ptsp.data.calibration_loader(x, num_samples=512, batch_size=64)
-    dense = _top1(trained, test_x, test_y)
+    dense = _top1(model, test_x, test_y)
     top1 = {}
     for method in ("magnitude", "bn", "psp"):
-        pruned = ptsp.prune(trained, None if method == "magnitude" else calib, 0.5, method=method,
-                            target="flops", reconstruction=FAST, example_inputs=x[:1])
+        pruned = ptsp.prune(model, None if method == "magnitude" else calib, 0.5, method=method,
+                            target="flops", reconstruction=FAST, example_inputs=x[:1].to(device))
         plan = ptsp.plan_of(pruned)
         assert plan["flops"]["after"] <= 0.5 * plan["flops"]["before"]
+        assert {p.device for p in pruned.parameters()} == {test_x.device}
         top1[method] = _top1(pruned, test_x, test_y)
     assert dense > 70
     assert top1["psp"] >= top1["bn"] + 5, top1
@@ -85,6 +92,7 @@ def test_psp_keeps_clearly_more_accuracy_than_magnitude_and_bn(trained, fmnist):
     assert report["samples"] == 512
     assert len(report["phase1"]["loss"]) == len(report["phase2"]["loss"]) == 5
     assert report["phase2"]["loss"][-1] < report["phase2"]["loss"][0]
+    assert report["phase1"]["teacher_cached"] and report["phase2"]["teacher_cached"]
 
 
 def test_same_seed_same_pruned_weights(trained, fmnist):
