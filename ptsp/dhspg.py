@@ -425,16 +425,27 @@ class OTO:
                 removed[g.ids[gone[:q - extra]]] = False
         kept = kept_indices(self.groups, removed)
         slim = apply(copy.deepcopy(self.model), kept).eval()
-        before = count(self.model, self.inputs)
+        inputs = _on(self.inputs, self.model)  # traced on the CPU, say, then trained on a GPU
+        before = count(self.model, inputs)
         settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
         plan = {"method": "dhspg",
                 "dhspg": {**settings, "target_group_sparsity": opt.target, "target_flops": opt.target_flops,
                           "tolerance_group_sparsity": opt.tolerance, "group_divisible": q,
                           "steps": opt.state["dhspg"]["step"]},
-                **record(self.model, slim, self.groups, removed, kept, self.inputs, before),
+                **record(self.model, slim, self.groups, removed, kept, inputs, before),
                 "report": {"group_sparsity": opt.group_sparsity, "groups": opt.num_groups}}
         setattr(slim, PLAN_ATTR, plan)
         return slim
+
+
+def _on(inputs: Any, model: nn.Module) -> Any:
+    """Example inputs (a tensor or a tuple) on the device of the model's parameters."""
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        return inputs
+    if isinstance(inputs, tuple):
+        return tuple(_on(x, model) for x in inputs)
+    return inputs.to(p.device) if isinstance(inputs, torch.Tensor) else inputs
 
 
 def _check(name: str, value: Any, low: float, high: float, text: str, *, open_low: bool = False,

@@ -220,9 +220,12 @@ def export(model: nn.Module, example_inputs: Any) -> Trace:
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = model.training
     model.eval()
-    # per-node Python stack traces are not needed (nn_module_stack is) and cost time
-    emit = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
+    # per-node Python stack traces are not needed (nn_module_stack is) and cost time (the
+    # setting is newer than torch 2.11: without it they are emitted)
+    config = torch.fx.config
+    emit = getattr(config, "do_not_emit_stack_traces", None)
+    if emit is not None:
+        config.do_not_emit_stack_traces = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -234,7 +237,8 @@ def export(model: nn.Module, example_inputs: Any) -> Trace:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(f"cannot trace {type(model).__name__}: {msg}") from exc
     finally:
-        torch.fx.config.do_not_emit_stack_traces = emit
+        if emit is not None:
+            config.do_not_emit_stack_traces = emit
         model.train(was_training)
 
 

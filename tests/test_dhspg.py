@@ -133,6 +133,22 @@ def test_timm_model_compresses_and_saves(tmp_path):
     assert torch.equal(loaded(x), slim(x))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_model_traced_on_the_cpu_trains_and_compresses_on_cuda():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    oto = ptsp.OTO(model, x[:1])  # as the recipes do: traced first, then moved by accelerate
+    model.cuda()
+    opt = oto.dhspg(lr=0.05, target_group_sparsity=0.4, start_pruning_steps=2, pruning_steps=2)
+    _train(model, opt, 6, x.cuda(), y.cuda())
+    assert abs(opt.group_sparsity - 0.4) <= 0.01
+    slim = oto.compress()
+    model.eval()
+    assert next(slim.parameters()).is_cuda
+    assert _rel(model(x.cuda()), slim(x.cuda())) <= 1e-4
+
+
 def test_zero_groups_are_read_from_parameters_not_bn_statistics():
     """γ = β = 0 (with the conv rows) makes a channel zero whatever its running statistics."""
     torch.manual_seed(0)
