@@ -137,7 +137,7 @@ class DHSPG(torch.optim.Optimizer):
         self.pruning_steps = pruning_steps
         self.group_divisible = group_divisible
         self.fixed_zero_groups = fixed_zero_groups
-        inputs = default_inputs(model) if example_inputs is None else example_inputs
+        inputs = _on(default_inputs(model) if example_inputs is None else example_inputs, model)
         self.groups = groups if groups is not None else build_groups(model, inputs)
         self.channels, self.parts = _candidates(model, self.groups, inputs)
         self._slices = _producer_slices(model, self.groups, self.channels)

@@ -146,7 +146,8 @@ def test_a_model_traced_on_the_cpu_trains_and_compresses_on_cuda():
     slim = oto.compress()
     model.eval()
     assert next(slim.parameters()).is_cuda
-    assert _rel(model(x.cuda()), slim(x.cuda())) <= 1e-4
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # float32 convolutions
+        assert _rel(model(x.cuda()), slim(x.cuda())) <= 1e-4
 
 
 def test_zero_groups_are_read_from_parameters_not_bn_statistics():
