@@ -5,8 +5,8 @@
 
 Latency depends only on the pruned widths, so the plan is made data-free (``method="magnitude"``,
 random weights: no download); a calibrated method gives the same FLOPs with other widths. Each
-model runs ``--warmup`` batches, then ``--runs`` timed batches; the table shows the medians. Writes
-``recipes/results/latency.md``.
+model runs ``--warmup`` batches, then ``--runs`` timed batches; the table shows the medians. Appends
+a table to ``recipes/results/latency.md``.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import timm
 import torch
 
 import ptsp
+import table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,17 +70,17 @@ def main() -> None:
             kept = plan["flops"]["after"] / plan["flops"]["before"]
             rows.append((device, f"−{1 - kept:.1%} FLOPs", str(r), f"{t * 1e3:.1f}", f"**{base / t:.2f}×**"))
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    lines = ["# Latency: dense vs pruned", "",
-             f"Regenerate: `python recipes/bench_latency.py --model {args.model} --ratio {args.ratio} "
+    lines = [f"Regenerate: `python recipes/bench_latency.py --model {args.model} --ratio {args.ratio} "
              f"--batch {args.batch} --round-to {' '.join(map(str, args.round_to))} --runs {args.runs}` "
-             f"({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, {torch.get_num_threads()} CPU "
-             f"threads, {name}). {args.model} at {args.size}×{args.size}, batch {args.batch}, median "
+             f"({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, {table.cpu()}, {name}). {args.model} at {args.size}×{args.size}, batch {args.batch}, median "
              f"of {args.runs} batches after {args.warmup} warm-up batches, eval mode, inference_mode.", "",
              "| device | model | round_to | ms / batch | speed-up |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "latency.md"  # one block per run and machine, appended
+    text = out.read_text() if out.exists() else "# Latency: dense vs pruned\n"
+    out.write_text(text + "\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import argparse
 import copy
 import importlib.util
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -238,11 +239,13 @@ def write_report(results: Path) -> None:
     if not rows:
         return
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["# ptsp against the alternatives (Fashion-MNIST reference models, CPU)", "",
-             f"Regenerate: `{COMMAND}` (resumes from `compare.csv`; `--report` only redraws). "
+    where = (f" --results {os.path.relpath(results.resolve(), RESULTS.parents[1])}"
+             if results.resolve() != RESULTS else "")
+    lines = ["# ptsp against the alternatives (Fashion-MNIST reference models)", "",
+             f"Regenerate: `{COMMAND}{where}` (resumes from `compare.csv`; `--report` only redraws). "
              "Top-1 (%) on the 10k test images. Latency: one batch of 32 images on the CPU, median "
              "of 11. Seconds: wall time of pruning plus any training (fine-tune includes psp's), on "
-             "the shared 2-core CPU. × psp: that time over psp's. bn, lr and max ratio: the ptsp defaults "
+             "the machine of the cpu column (on its GPU where it names one). × psp: that time over psp's. bn, lr and max ratio: the ptsp defaults "
              "(`Reconstruction.bn`, `Reconstruction.lr`, `prune`'s max_ratio) that the psp model "
              "behind the row ran with (fine-tune starts from it, Scratch-E/B take its architecture). cpu: "
              "the machine and torch threads per process that measured the row's latency and seconds "
