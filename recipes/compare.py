@@ -125,7 +125,7 @@ class Run:
         reference.TRAINED = args.results / "reference.json"  # a training here is recorded there
         self.data = training.fashion_mnist_data(args.sample)
         calib_x = self.data.train.tensors[0]
-        self.calib = ptsp.data.calibration_loader(calib_x, args.samples, 64, seed=0)
+        self.calib = ptsp.data.calibration_loader(calib_x, args.samples, 64, seed=args.seed)
         self.bench_x = self.data.test.tensors[0][:32]
         self.done = self._keep_rows()
         # what timed the rows: the CPU (latency, and seconds without a GPU) and any GPU (seconds)
@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="scale every training length (a quick look at the trends)")
     ap.add_argument("--sample", action="store_true",
                     help="the 3000 + 1000 images committed in calib_data/ instead of 60k + 10k (quick checks)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the calibration draw and every training (a replicate of the whole run)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of compare.csv/.md/.png (and reference.json)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="folder of reference models and artifacts")
     ap.add_argument("--report", action="store_true", help="only redraw the table and plots")
