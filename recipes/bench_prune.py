@@ -12,6 +12,11 @@ The ratio is pipeline / floor (target ≤ 1.3). Writes ``recipes/results/bench_p
 
     python recipes/bench_prune.py --model resnet18 --size 224 --samples 256
     python recipes/bench_prune.py --model resnet50 --samples 2048 --device cuda --runs 1
+    python recipes/bench_prune.py --model resnet50 --samples 256 --device cuda --phase1-passes 2 \
+        --phase2-passes 1 --profile      # where the time goes: the ops with the most self time
+
+``--profile`` runs the pipeline once under ``torch.profiler`` instead and writes its 25 ops with
+the most self time (on the GPU where it runs there) to ``recipes/results/bench_prune_profile.md``.
 """
 from __future__ import annotations
 
@@ -83,6 +88,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def profile(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.Namespace,
+            settings: ptsp.Reconstruction) -> None:
+    """One pipeline run under ``torch.profiler``: the ops with the most self time, on the device."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        ptsp.prune(model, calib, args.ratio, target="flops", reconstruction=settings)
+        _sync(device)
+    seconds = time.perf_counter() - t0
+    ops = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=25)
+    where = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}" if cuda else table.cpu())
+    cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
+           f"{args.samples} --batch {args.batch} --phase1-passes {args.phase1_passes} --phase2-passes "
+           f"{args.phase2_passes} --device {args.device} --profile")
+    text = (f"# Where the psp pipeline's time goes\n\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {where}; "
+            f"{seconds:.1f} s under the profiler)\n\n```\n{ops}\n```\n")
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_prune_profile.md").write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
@@ -94,6 +123,7 @@ def main() -> None:
     parser.add_argument("--phase1-passes", type=int, default=20)
     parser.add_argument("--phase2-passes", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--profile", action="store_true", help="one profiled run instead (see above)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -103,6 +133,8 @@ def main() -> None:
     batches = ptsp.data.read_batches(calib)
     settings = ptsp.Reconstruction(phase1_passes=args.phase1_passes,
                                    phase2_passes=args.phase2_passes, progress=False)
+    if args.profile:
+        return profile(model, calib, args, settings)
     rows = []
     for _ in range(args.runs):
         t0 = time.perf_counter()
