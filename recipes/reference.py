@@ -107,6 +107,7 @@ def train(name: str, epochs: int, batch: int, lr: float, seed: int,
         safetensors.torch.save_model(model, str(tmp), metadata=meta)
         tmp.replace(CACHE / f"{name}.safetensors")
         record = json.loads(TRAINED.read_text()) if TRAINED.exists() else {}
+        TRAINED.parent.mkdir(parents=True, exist_ok=True)  # e.g. a fresh compare.py --results
         TRAINED.write_text(json.dumps({**record, name: meta}, indent=1, sort_keys=True) + "\n")
         print(json.dumps(meta), flush=True)
     acc.wait_for_everyone()
