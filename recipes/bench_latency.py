@@ -72,8 +72,9 @@ def main() -> None:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     lines = [f"Regenerate: `python recipes/bench_latency.py --model {args.model} --ratio {args.ratio} "
              f"--batch {args.batch} --round-to {' '.join(map(str, args.round_to))} --runs {args.runs}` "
-             f"({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, {table.cpu()}, {name}). {args.model} at {args.size}×{args.size}, batch {args.batch}, median "
-             f"of {args.runs} batches after {args.warmup} warm-up batches, eval mode, inference_mode.", "",
+             f"({time.strftime('%Y-%m-%d')}; torch {torch.__version__}, {table.cpu()}, {name}). "
+             f"{args.model} at {args.size}×{args.size}, batch {args.batch}, median of {args.runs} "
+             f"batches after {args.warmup} warm-up batches, eval mode, inference_mode.", "",
              "| device | model | round_to | ms / batch | speed-up |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     print("\n".join(lines))

@@ -88,6 +88,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _machine(device: torch.device) -> str:
+    """What timed a run: the GPU (and torch) where it ran on one, else the CPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return table.cpu()
+
+
 def profile(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.Namespace,
             settings: ptsp.Reconstruction) -> None:
     """One pipeline run under ``torch.profiler``: the ops with the most self time, on the device."""
@@ -101,11 +108,10 @@ def profile(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.Na
     seconds = time.perf_counter() - t0
     ops = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                     row_limit=25)
-    where = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}" if cuda else table.cpu())
     cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
            f"{args.samples} --batch {args.batch} --phase1-passes {args.phase1_passes} --phase2-passes "
            f"{args.phase2_passes} --device {args.device} --profile")
-    text = (f"# Where the psp pipeline's time goes\n\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {where}; "
+    text = (f"# Where the psp pipeline's time goes\n\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {_machine(device)}; "
             f"{seconds:.1f} s under the profiler)\n\n```\n{ops}\n```\n")
     print(text)
     RESULTS.mkdir(exist_ok=True)
@@ -153,8 +159,6 @@ def main() -> None:
            f"{args.samples} --batch {args.batch} --runs {args.runs} --phase1-passes "
            f"{args.phase1_passes} --phase2-passes {args.phase2_passes}"
            + (f" --device {args.device}" if device.type != "cpu" else ""))
-    where = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-             if device.type == "cuda" else table.cpu())
     rows_md = ["| model | device | input | samples | passes (1+2) | pipeline s | floor s | ratio |",
                "|---|---|---|---|---|---|---|---|",
                f"| {args.model} | {device.type} | {args.size}×{args.size} | {args.samples} | {args.phase1_passes}+{args.phase2_passes} "
@@ -163,7 +167,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_prune.md"
     text = out.read_text() if out.exists() else "# psp pipeline vs the compute floor (medians)\n"
-    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, {where})\n\n"
+    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, {_machine(device)})\n\n"
                    + "\n".join(rows_md) + "\n")
 
 
