@@ -56,6 +56,9 @@ VARIANTS: dict[str, dict] = {
     "authors()": dataclasses.asdict(ptsp.Reconstruction.authors()),
     "l2+kept": L2_KEPT,
     "penalty=fade, balance=both": {"penalty": "fade", "balance": "both"},
+    # fade shrinks the doomed slices outside Adam, so a lower phase-1 rate no longer slows that
+    **{f"penalty=fade, phase1_lr={name}": {"penalty": "fade", "phase1_lr": float(name)}
+       for name in ("3e-4", "1e-3")},
     **{f"l2+kept, {name}": {**L2_KEPT, **change} for name, change in SINGLE.items()
        if name not in ("penalty=l2", "phase1_targets=kept")},
 }

@@ -3,8 +3,10 @@ no hooks, loss bookkeeping, planning or surgery.
 
 The floor replays, on the same model and data, what the pipeline must compute: phase 1 (teacher
 forward, student forward and backward, Adam step) on the dense model, phase 2 the same on the
-pruned model (both under the pipeline's bfloat16 autocast where it applies; the teacher forward in
-the first pass only where the phase kept the teacher's activations), the two BatchNorm
+pruned model (both under the pipeline's bfloat16 autocast where it applies, with BatchNorm in the
+mode the pipeline's ``Reconstruction.bn`` runs it in: train mode, computing each batch's statistics,
+by default; the teacher forward in the first pass only where the phase kept the teacher's
+activations), the two BatchNorm
 re-estimation forwards, and the passes of the default ``importance="auto"``: a Taylor forward and
 backward (again after phase 1 when it picks taylor), the original's forward and, per candidate
 plan, a BatchNorm re-estimation and an evaluation forward.
@@ -46,6 +48,9 @@ def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list
 
     def passes(student: torch.nn.Module, teacher: torch.nn.Module, phase: str) -> None:
         optimiser = torch.optim.Adam(student.parameters(), settings.lr)
+        for m in (*student.modules(), *teacher.modules()):  # as the reconstruction runs them
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train(settings.bn.startswith("train"))
         cached = report[phase].get("teacher_cached", False)
         for j in range(report[phase]["passes"]):
             for x in batches:
@@ -74,6 +79,7 @@ def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list
                     teacher(x.to(device, non_blocking=True))
     passes(copy.deepcopy(model).eval(), teacher, "phase1")
     passes(copy.deepcopy(pruned).eval(), teacher, "phase2")
+    teacher.eval()
     with torch.no_grad():
         for _ in range(2):
             for x in batches:

@@ -211,6 +211,29 @@ def test_the_checks_read_the_targets_off_the_rows():
     assert "finetune beats" not in note and "psp ahead of tp by +9.70" in note
 
 
+@pytest.mark.parametrize("bn", ["train+reestimate", "reestimate"])
+def test_the_compute_floor_runs_batchnorm_as_the_reconstruction_does(bn):
+    import bench_prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3)).eval()
+    batches = list(torch.randn(16, 3, 10, 10).split(8))
+    settings = ptsp.Reconstruction(phase1_passes=1, phase2_passes=1, bn=bn, progress=False)
+    pruned = ptsp.prune(model, batches, 0.5, importance="l2", reconstruction=settings)
+    modes: list[bool] = []  # BatchNorm's mode at every call with gradients (the phases' students)
+
+    def record(module, args):
+        if torch.is_grad_enabled():
+            modes.append(module.training)
+    for m in (*model.modules(), *pruned.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_pre_hook(record)
+    bench_prune.floor_seconds(model, pruned, batches, settings)
+    assert modes and all(mode == bn.startswith("train") for mode in modes)
+
+
 def test_the_noise_report_pairs_psp_with_each_method_by_seed(tmp_path, monkeypatch):
     import noise
     import table
