@@ -26,7 +26,8 @@ import ptsp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "ablation.csv"
-FIELDS = ["model", "level", "variant", "top1", "agree", "dense_top1", "seconds", "importance", "plan", "defaults"]
+FIELDS = ["model", "level", "variant", "top1", "agree", "dense_top1", "seconds", "importance", "plan", "defaults",
+          "bf16"]
 #: the defaults a row's variant departs from (rows made before this column existed: empty)
 DEFAULTS = table.defaults_line()
 #: single changes from the defaults
@@ -73,8 +74,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     # a retrained reference model (another dense top-1) is another model: it gets its own rows
-    done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"], r.get("defaults") or "")
-            for r in table.rows(CSV)}
+    done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"], r.get("defaults") or "",
+             r.get("bf16") or "") for r in table.rows(CSV)}
+    bf16 = "yes" if table.native_bf16() else "no"
     RESULTS.mkdir(exist_ok=True)
     for name in args.models:
         model = reference.load(name)
@@ -83,7 +85,7 @@ def main() -> None:
         teacher = reference.predictions(model, test_x)
         dense = reference.percent(teacher == test_labels)
         for variant in args.variants:
-            if (name, str(args.level), variant, args.importance, f"{dense:.2f}", DEFAULTS) in done:
+            if (name, str(args.level), variant, args.importance, f"{dense:.2f}", DEFAULTS, bf16) in done:
                 continue
             settings = ptsp.Reconstruction(**{**VARIANTS[variant], "progress": False})
             t0 = time.perf_counter()
@@ -95,7 +97,7 @@ def main() -> None:
                    "top1": f"{reference.percent(pred == test_labels):.2f}",
                    "agree": f"{reference.percent(pred == teacher):.2f}",
                    "dense_top1": f"{dense:.2f}", "seconds": f"{time.perf_counter() - t0:.0f}",
-                   "defaults": DEFAULTS}
+                   "defaults": DEFAULTS, "bf16": bf16}
             print(row, flush=True)
             table.append(CSV, FIELDS, row)
     write_report()
@@ -116,11 +118,14 @@ def write_report() -> None:
              "records them). Rows from before that column ran the defaults of their day: every "
              "defaults row but densenet121's at dense 86.60 and mobilenetv3_large_100's at 71.81 "
              "ran `bn=\"reestimate\"`, the default until `\"train+reestimate\"` replaced it, and "
-             "all of them `lr=1e-3` and `max_ratio=1.0`.", "",
-             "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | agree | dense | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "all of them `lr=1e-3` and `max_ratio=1.0`. bf16: whether the reconstruction ran under "
+             "bfloat16 autocast (a CPU with native bfloat16) or in float32; rows before that column: –, "
+             "and a row compares only with defaults rows of its own kind.", "",
+             "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | agree | dense | bf16 | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     def key(r: dict) -> tuple:
-        return r["model"], r["level"], r["importance"], r["dense_top1"], r.get("defaults") or ""
+        return (r["model"], r["level"], r["importance"], r["dense_top1"], r.get("defaults") or "",
+                r.get("bf16") or "")
 
     base = {key(r): float(r["top1"]) for r in rows if r["variant"] == "defaults"}
     for r in rows:
@@ -128,7 +133,7 @@ def write_report() -> None:
         delta = f"{float(r['top1']) - ref:+.2f}" if ref is not None else "–"
         lines.append(f"| {r['model']} | {float(r['level']):.0%} | {r['importance']} | {r['plan']} | "
                      f"{r['variant']} | {r['top1']} | {delta} | {r.get('agree') or '–'} | {r['dense_top1']} | "
-                     f"{r['seconds']} |")
+                     f"{r.get('bf16') or '–'} | {r['seconds']} |")
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
 

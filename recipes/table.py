@@ -33,15 +33,23 @@ def defaults_line() -> str:
                     if k not in ("progress", "teacher_cache_gb"))
 
 
-def cpu(threads: int | None = None) -> str:
-    """The CPU's model name, whether it computes bfloat16 natively (the pipeline's autocast runs
-    only there, 3-4x faster) and the threads torch uses (``threads``: this many instead), recorded
-    with timed rows: seconds and latencies compare only on one machine at one thread count."""
-    import platform
-
+def native_bf16() -> bool:
+    """Whether the pipeline's autocast runs bfloat16 on this CPU (only where it is native): 3-4x
+    the speed, and other arithmetic, so results and timings of the two kinds are kept apart."""
     import torch
 
     from ptsp.reconstruction import autocast
+
+    return isinstance(autocast(torch.device("cpu")), torch.autocast)
+
+
+def cpu(threads: int | None = None) -> str:
+    """The CPU's model name, whether it computes bfloat16 natively and the threads torch uses
+    (``threads``: this many instead), recorded with timed rows: seconds and latencies compare
+    only on one machine at one thread count."""
+    import platform
+
+    import torch
 
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -51,7 +59,7 @@ def cpu(threads: int | None = None) -> str:
                 name = line.split(":", 1)[1].strip()
                 break
     threads = threads or torch.get_num_threads()
-    bf16 = ", native bfloat16" if isinstance(autocast(torch.device("cpu")), torch.autocast) else ""
+    bf16 = ", native bfloat16" if native_bf16() else ""
     return f"{name}{bf16}, {threads} thread{'s' if threads > 1 else ''}"
 
 
