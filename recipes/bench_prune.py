@@ -7,8 +7,9 @@ pruned model (both under the pipeline's bfloat16 autocast where it applies, with
 mode the pipeline's ``Reconstruction.bn`` runs it in: train mode, computing each batch's statistics,
 by default; the teacher forward in the first pass only where the phase kept the teacher's
 activations), the two BatchNorm re-estimation forwards, and the passes of the default
-``importance="auto"``: a Taylor forward and backward (again after phase 1 when it picks taylor), the original's forward and, per candidate
-plan, a BatchNorm re-estimation and an evaluation forward.
+``importance="auto"``: a Taylor forward and backward (again after phase 1 when it picks taylor),
+the original's forward and, per candidate plan, a BatchNorm re-estimation and an evaluation
+forward.
 The ratio is pipeline / floor (target ≤ 1.3). Writes ``recipes/results/bench_prune.md``.
 
     python recipes/bench_prune.py --model resnet18 --size 224 --samples 256
