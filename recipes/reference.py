@@ -98,7 +98,8 @@ def train(name: str, epochs: int, batch: int, lr: float, seed: int,
     acc = training.accelerator()
     stats = training.train(acc, model, data, epochs=epochs, batch=batch, lr=lr, seed=seed)
     meta = {"name": name, "mean": str(data.mean), "std": str(data.std), "epochs": str(epochs),
-            "train_seconds": f"{stats['seconds']:.0f}", "seed": str(seed)}
+            "train_seconds": f"{stats['seconds']:.0f}", "seed": str(seed),
+            "mixed_precision": acc.mixed_precision}
     if acc.is_main_process:  # under accelerate launch, one process writes the cache
         model = acc.unwrap_model(model).cpu().eval()
         meta["top1"] = f"{training.evaluate(model, data):.2f}"
