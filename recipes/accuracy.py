@@ -9,10 +9,17 @@ the markdown table and the accuracy-vs-FLOPs plot are rewritten from the CSV.
 
     python recipes/reference.py && python recipes/accuracy.py
     python recipes/accuracy.py --models resnet18 --levels 0.5 --methods psp bn
+    accelerate launch --mixed_precision bf16 recipes/accuracy.py --models resnet18 --levels 0.5 \
+        --reference-epochs 8 --cache DIR --results recipes/results/resnet18-8ep   # longer-trained references
+
+With ``--cache``, the reference models are read from (and, missing, trained with ``--reference-epochs``
+into) ``DIR/reference`` instead of ``recipes/.cache/reference``, their training recorded in the results
+folder's ``reference.json``: a study of other reference models beside the main table.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -24,7 +31,6 @@ import table
 import ptsp
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CSV = RESULTS / "accuracy.csv"
 FIELDS = ["model", "method", "level", "top1", "dense_top1", "flops", "flops_dense", "params",
           "params_dense", "seconds", "importance", "bn", "lr", "max_ratio"]
 METHODS = ("magnitude", "bn", "layerwise", "global", "psp")
@@ -37,15 +43,19 @@ RECORDED_LATER = {"lr": "0.001", "max_ratio": "1.0"}
 COMMAND = "python recipes/reference.py && python recipes/accuracy.py"
 
 
-def run(models: list[str], levels: list[float], methods: list[str], samples: int) -> None:
-    RESULTS.mkdir(exist_ok=True)
+def run(models: list[str], levels: list[float], methods: list[str], samples: int, results: Path,
+        reference_epochs: int | None = None) -> None:
+    csv = results / "accuracy.csv"
+    results.mkdir(parents=True, exist_ok=True)
     for name in models:
+        if reference_epochs and not (reference.CACHE / f"{name}.safetensors").exists():
+            reference.train(name, reference_epochs, 128, 2e-3, 0)
         model = reference.load(name)
         test_x, test_labels, train_x = reference.prepared(model)
         calib = ptsp.data.calibration_loader(train_x, samples, 64, seed=0)
         dense = reference.evaluate(model, test_x, test_labels)
         dense_row = {"model": name, "method": "dense", "level": "0", "top1": f"{dense:.2f}"}
-        done = _keep_rows_of(name, dense_row["top1"], {(m, str(lv)) for m in methods for lv in levels})
+        done = _keep_rows_of(csv, name, dense_row["top1"], {(m, str(lv)) for m in methods for lv in levels})
         for level in levels:
             for method in methods:
                 if (name, method, str(level)) in done:
@@ -62,15 +72,15 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
                        "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}",
                        "importance": plan["importance"], **table.settings(plan)}
                 print(row, flush=True)
-                table.append(CSV, FIELDS, row)
-        write_report()
+                table.append(csv, FIELDS, row)
+        write_report(results)
 
 
-def _keep_rows_of(name: str, dense: str, wanted: set[tuple[str, str]]) -> set[tuple[str, str, str]]:
+def _keep_rows_of(csv: Path, name: str, dense: str, wanted: set[tuple[str, str]]) -> set[tuple[str, str, str]]:
     """The (model, method, level) rows already measured. Rows of ``name`` measured on another
     reference model (another dense top-1: it was retrained) are dropped from the CSV, and so are
     the ``wanted`` (method, level) rows measured with other default settings."""
-    rows = table.rows(CSV)
+    rows = table.rows(csv)
     mine = [r for r in rows if r["model"] == name]
     retrained = [r for r in mine if r["dense_top1"] != dense]
     if retrained:
@@ -82,18 +92,22 @@ def _keep_rows_of(name: str, dense: str, wanted: set[tuple[str, str]]) -> set[tu
         print(f"{name}: measuring {len(changed)} rows again, as the default settings changed", flush=True)
     stale = retrained + changed
     if stale:
-        table.rewrite(CSV, FIELDS, [r for r in rows if r not in stale])
+        table.rewrite(csv, FIELDS, [r for r in rows if r not in stale])
     return {(r["model"], r["method"], r["level"]) for r in rows if r not in stale}
 
 
-def write_report() -> None:
-    rows = table.rows(CSV)
+def write_report(results: Path = RESULTS) -> None:
+    rows = table.rows(results / "accuracy.csv")
     if not rows:
         return
+    command = COMMAND
+    if results.resolve() != RESULTS:
+        command = (f"python recipes/accuracy.py --cache DIR --results "
+                   f"{os.path.relpath(results.resolve(), RESULTS.parents[1])}")
     models = list(dict.fromkeys(r["model"] for r in rows))
     levels = sorted({r["level"] for r in rows}, key=float)
     lines = ["# Accuracy without retraining (Fashion-MNIST reference models)", "",
-             f"Regenerate: `{COMMAND}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
+             f"Regenerate: `{command}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
              "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
              "images and default settings. Δ is psp minus the dense model; plan is the criterion that "
              "the default `importance=\"auto\"` chose for the calibrated methods (magnitude always "
@@ -131,11 +145,11 @@ def write_report() -> None:
             lr, cap = ((psp.get(f) or RECORDED_LATER[f]) if psp else "–" for f in ("lr", "max_ratio"))
             lines.append(f"| {name} | {dense:.2f} | −{float(level):.0%} FLOPs | " + " | ".join(shown)
                          + f" | {delta} | {plan} | {bn} | {lr} | {cap} | {kept} | {secs} |")
-    (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n\n![accuracy vs FLOPs](accuracy.png)\n")
-    _plot(rows, models)
+    (results / "accuracy.md").write_text("\n".join(lines) + "\n\n![accuracy vs FLOPs](accuracy.png)\n")
+    _plot(rows, models, results / "accuracy.png")
 
 
-def _plot(rows: list[dict], models: list[str]) -> None:
+def _plot(rows: list[dict], models: list[str], path: Path) -> None:
     plt = table.pyplot()
     if plt is None:
         return
@@ -153,7 +167,7 @@ def _plot(rows: list[dict], models: list[str]) -> None:
         ax.set_ylabel("top-1 (%)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "accuracy.png", dpi=90)
+    fig.savefig(path, dpi=90)
 
 
 def main() -> None:
@@ -163,12 +177,20 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of accuracy.csv/.md/.png (and, with --cache, reference.json)")
+    parser.add_argument("--cache", type=Path, help="folder of the reference models (DIR/reference)")
+    parser.add_argument("--reference-epochs", type=int,
+                        help="train the reference models missing from the cache this many epochs")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.cache is not None:
+        reference.CACHE = args.cache / "reference"
+        reference.TRAINED = args.results / "reference.json"
     if args.report:
-        write_report()
+        write_report(args.results)
     else:
-        run(args.models, args.levels, args.methods, args.samples)
+        run(args.models, args.levels, args.methods, args.samples, args.results, args.reference_epochs)
 
 
 if __name__ == "__main__":

@@ -276,6 +276,29 @@ def test_the_ablation_report_compares_with_the_defaults_row_and_keeps_old_rows(t
     assert "| m | 50% | auto | l2 | penalty=fade | 88.60 | – | 98.00 | 89.00 | yes | 3 |" in lines
 
 
+def test_the_accuracy_report_of_another_results_folder_names_it(tmp_path, monkeypatch):
+    """A study beside the main table (``--cache``/``--results``) writes its own table and plot, says
+    how to regenerate it, and marks the best method of each cell."""
+    import accuracy
+    import reference
+    import table
+
+    monkeypatch.setattr(reference, "CACHE", tmp_path / "cache" / "reference")
+    monkeypatch.setattr(reference, "TRAINED", tmp_path / "reference.json")
+    (tmp_path / "reference.json").write_text(json.dumps({"m": {"epochs": "8"}}))
+    for method, top1 in (("global", "92.28"), ("psp", "93.00")):
+        table.append(tmp_path / "accuracy.csv", accuracy.FIELDS, {
+            "model": "m", "method": method, "level": "0.5", "top1": top1, "dense_top1": "93.74",
+            "flops": "50", "flops_dense": "100", "params": "40", "params_dense": "100", "seconds": "9",
+            "importance": "l2", "bn": "train+reestimate", "lr": "0.003", "max_ratio": "0.9"})
+    accuracy.write_report(tmp_path)
+    text = (tmp_path / "accuracy.md").read_text()
+    assert f"--results {os.path.relpath(tmp_path, ROOT)}`" in text
+    assert "m: 8 epoch(s)" in text
+    assert "| m | 93.74 | −50% FLOPs | – | – | – | 92.28 | **93.00** | -0.74 | l2 |" in text
+    assert not (accuracy.RESULTS / "accuracy.md").read_text().count("93.74 | −50% FLOPs | – | – | – | 92.28")
+
+
 def test_train_on_a_datasets_folder(tmp_path):
     """--data takes a datasets folder (here the committed parquet sample): timm's transforms at the
     model's own input size (3×224×224), and an artifact that reloads."""
