@@ -182,6 +182,9 @@ def fit(acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                 break
         if state is not None:
             _save(acc, state, progress.step)
+    # accelerate's mixed precision wraps the module's own forward in autocast, in place: undo it, so
+    # that what the caller evaluates, times or compresses next runs in float32 like every other model
+    acc.unwrap_model(model, keep_fp32_wrapper=False)
     return {"seconds": time.perf_counter() - t0, "loss": loss.item(), "steps": steps,
             "epochs": round(steps / per_epoch, 2)}
 

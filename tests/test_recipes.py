@@ -57,6 +57,23 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_model_trained_in_bfloat16_comes_back_in_float32(monkeypatch):
+    """Under ``accelerate launch --mixed_precision bf16`` the model trains under autocast, but what
+    the recipes evaluate and time afterwards is the plain float32 model, as every other row's."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    try:
+        model = _fit(None)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert "_original_forward" not in model.__dict__
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), nn.Sequential.forward(model, x))  # the class's own forward
+
+
 def _launch(tmp_path: Path, script: str, *args: str) -> dict:
     """Run a recipe with 2 CPU processes; its JSON summary."""
     summary = tmp_path / f"{Path(script).stem}.json"
