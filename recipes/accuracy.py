@@ -32,7 +32,7 @@ import ptsp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "level", "top1", "dense_top1", "flops", "flops_dense", "params",
-          "params_dense", "seconds", "importance", "bn", "lr", "max_ratio"]
+          "params_dense", "seconds", "importance", "bn", "lr", "max_ratio", "samples"]
 METHODS = ("magnitude", "bn", "layerwise", "global", "psp")
 #: the settings each method's result depends on (``prune``'s max_ratio, ``Reconstruction`` fields):
 #: a row that ran with other values than today's defaults is measured again
@@ -70,7 +70,8 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
                        "dense_top1": dense_row["top1"], "flops": plan["flops"]["after"],
                        "flops_dense": plan["flops"]["before"], "params": plan["params"]["after"],
                        "params_dense": plan["params"]["before"], "seconds": f"{seconds:.1f}",
-                       "importance": plan["importance"], **table.settings(plan)}
+                       "importance": plan["importance"], **table.settings(plan),
+                       "samples": "" if method == "magnitude" else str(samples)}
                 print(row, flush=True)
                 table.append(csv, FIELDS, row)
         write_report(results)
@@ -100,6 +101,8 @@ def write_report(results: Path = RESULTS) -> None:
     rows = table.rows(results / "accuracy.csv")
     if not rows:
         return
+    # rows written before the calibration set size was recorded used the default, 512
+    samples = " or ".join(sorted({r.get("samples") or "512" for r in rows if r["method"] != "magnitude"}))
     command = COMMAND
     if results.resolve() != RESULTS:
         command = (f"python recipes/accuracy.py --cache DIR --results "
@@ -108,8 +111,8 @@ def write_report(results: Path = RESULTS) -> None:
     levels = sorted({r["level"] for r in rows}, key=float)
     lines = ["# Accuracy without retraining (Fashion-MNIST reference models)", "",
              f"Regenerate: `{command}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
-             "given FLOPs reduction; every calibrated method uses the same 512 unlabeled training "
-             "images and default settings. Δ is psp minus the dense model; plan is the criterion that "
+             f"given FLOPs reduction; every calibrated method uses the same {samples} unlabeled "
+             "training images and default settings. Δ is psp minus the dense model; plan is the criterion that "
              "the default `importance=\"auto\"` chose for the calibrated methods (magnitude always "
              "plans with l2); bn and lr are the `Reconstruction` defaults the psp row ran with, max "
              "ratio `prune`'s (a run measures the rows it asks for again when a default they depend "

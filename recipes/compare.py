@@ -133,8 +133,6 @@ class Run:
         # what timed the rows: the CPU (latency, and seconds without a GPU) and any GPU (seconds)
         gpu = self.acc.device.type == "cuda"
         self.machine = table.cpu() + (f", {torch.cuda.get_device_name(self.acc.device)}" if gpu else "")
-        if self.acc.mixed_precision != "no":  # accelerate launch --mixed_precision: the training's arithmetic
-            self.machine += f", {self.acc.mixed_precision} training"
 
     def _keep_rows(self) -> set[tuple[str, str, str]]:
         """The (model, level, method) rows already measured; the asked rows made from a psp model
@@ -154,14 +152,18 @@ class Run:
             table.append(self.csv, FIELDS, {**row, "processes": self.acc.num_processes})
 
     def measure(self, name: str, level: str, method: str, model: torch.nn.Module, seconds: float,
-                dense: dict, epochs: float | str = "", settings: dict | None = None) -> None:
+                dense: dict, epochs: float | str = "", settings: dict | None = None,
+                precision: str = "") -> None:
+        """Evaluate and time ``model`` and record its row; ``precision``: accelerate's mixed
+        precision of its training (``accelerate launch --mixed_precision``), if it trained."""
         model = model.cpu().eval()
         params, flops = count(model, self.bench_x[:1])
         self.record({"model": name, "level": level, "method": method,
                      "top1": f"{training.evaluate(model, self.data):.2f}", "dense_top1": dense["top1"],
                      "params": params, "flops": flops, "flops_dense": dense["flops"],
                      "latency_ms": f"{latency_ms(model, self.bench_x):.2f}", "seconds": f"{seconds:.1f}",
-                     "epochs": epochs, "cpu": self.machine, **(settings or {})})
+                     "epochs": epochs, **(settings or {}),
+                     "cpu": self.machine + (f", {precision} training" if precision not in ("", "no") else "")})
 
     def model(self, name: str) -> None:
         args = self.args
@@ -173,7 +175,8 @@ class Run:
         dense = {"top1": f"{training.evaluate(base, self.data):.2f}", "flops": count(base, self.bench_x[:1])[1]}
         if (name, "0", "dense") not in self.done:
             # a reference model made elsewhere (e.g. from the shipped artifact) has no training time
-            self.measure(name, "0", "dense", base, float(trained.get("train_seconds", "nan")), dense, epochs)
+            self.measure(name, "0", "dense", base, float(trained.get("train_seconds", "nan")), dense, epochs,
+                         precision=trained.get("mixed_precision", ""))
         for level in args.levels:
             self.level(name, base, str(level), epochs, dense)
 
@@ -224,7 +227,7 @@ class Run:
                 seconds = stats["seconds"] + (psp_seconds if method == "finetune" else 0.0)
             if acc.is_main_process:
                 self.measure(name, level, method, model, seconds, dense, stats["epochs"],
-                             settings if method in FROM_PSP else None)
+                             settings if method in FROM_PSP else None, self.acc.mixed_precision)
             acc.wait_for_everyone()
 
     def torch_pruning(self, name: str, base: torch.nn.Module, level: str, method: str, dense: dict) -> None:
