@@ -55,7 +55,8 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
         calib = ptsp.data.calibration_loader(train_x, samples, 64, seed=0)
         dense = reference.evaluate(model, test_x, test_labels)
         dense_row = {"model": name, "method": "dense", "level": "0", "top1": f"{dense:.2f}"}
-        done = _keep_rows_of(csv, name, dense_row["top1"], {(m, str(lv)) for m in methods for lv in levels})
+        done = _keep_rows_of(csv, name, dense_row["top1"], {(m, str(lv)) for m in methods for lv in levels},
+                             samples)
         for level in levels:
             for method in methods:
                 if (name, method, str(level)) in done:
@@ -77,10 +78,12 @@ def run(models: list[str], levels: list[float], methods: list[str], samples: int
         write_report(results)
 
 
-def _keep_rows_of(csv: Path, name: str, dense: str, wanted: set[tuple[str, str]]) -> set[tuple[str, str, str]]:
+def _keep_rows_of(csv: Path, name: str, dense: str, wanted: set[tuple[str, str]],
+                  samples: int) -> set[tuple[str, str, str]]:
     """The (model, method, level) rows already measured. Rows of ``name`` measured on another
     reference model (another dense top-1: it was retrained) are dropped from the CSV, and so are
-    the ``wanted`` (method, level) rows measured with other default settings."""
+    the ``wanted`` (method, level) rows measured with other default settings or another number of
+    calibration images (rows from before it was recorded: 512)."""
     rows = table.rows(csv)
     mine = [r for r in rows if r["model"] == name]
     retrained = [r for r in mine if r["dense_top1"] != dense]
@@ -88,9 +91,10 @@ def _keep_rows_of(csv: Path, name: str, dense: str, wanted: set[tuple[str, str]]
         print(f"{name}: dropping {len(retrained)} rows of an earlier reference model "
               f"(dense {retrained[0]['dense_top1']}, now {dense})", flush=True)
     changed = [r for r in mine if r not in retrained and (r["method"], r["level"]) in wanted
-               and table.stale(r, SETTINGS[r["method"]], RECORDED_LATER)]
+               and (table.stale(r, SETTINGS[r["method"]], RECORDED_LATER)
+                    or r["method"] != "magnitude" and (r.get("samples") or "512") != str(samples))]
     if changed:
-        print(f"{name}: measuring {len(changed)} rows again, as the default settings changed", flush=True)
+        print(f"{name}: measuring {len(changed)} rows again: other default settings or calibration set size", flush=True)
     stale = retrained + changed
     if stale:
         table.rewrite(csv, FIELDS, [r for r in rows if r not in stale])

@@ -316,6 +316,22 @@ def test_the_accuracy_report_of_another_results_folder_names_it(tmp_path, monkey
     assert not (accuracy.RESULTS / "accuracy.md").read_text().count("93.74 | −50% FLOPs | – | – | – | 92.28")
 
 
+def test_accuracy_measures_again_the_rows_of_another_calibration_set_size(tmp_path):
+    """Asked for 2048 calibration images, a row made from 512 (or from before the size was
+    recorded) is dropped to be measured again; a data-free magnitude row is kept."""
+    import accuracy
+    import table
+
+    csv = tmp_path / "accuracy.csv"
+    settings = {f: str(table.defaults()[f]) for f in ("bn", "lr", "max_ratio")}  # today's: not stale for that
+    for method, samples in (("psp", "2048"), ("global", "512"), ("bn", ""), ("magnitude", "")):
+        table.append(csv, accuracy.FIELDS, {"model": "m", "method": method, "level": "0.5", "top1": "90.00",
+                                            "dense_top1": "93.00", "samples": samples, **settings})
+    done = accuracy._keep_rows_of(csv, "m", "93.00", {(m, "0.5") for m in accuracy.METHODS}, 2048)
+    assert done == {("m", "psp", "0.5"), ("m", "magnitude", "0.5")}
+    assert {r["method"] for r in table.rows(csv)} == {"psp", "magnitude"}
+
+
 def test_train_on_a_datasets_folder(tmp_path):
     """--data takes a datasets folder (here the committed parquet sample): timm's transforms at the
     model's own input size (3×224×224), and an artifact that reloads."""
