@@ -80,6 +80,14 @@ class Reconstruction:
             once per pass (the same result: a quarter less compute in phase 1, more in phase 2);
             None: half the memory available when the phase starts (host RAM, or the CUDA
             device's free memory); 0: run the teacher in every pass.
+        augment: "none", "mixup" or "cutmix": each step remixes its calibration batch (seeded)
+            before teacher and student see it, so a few hundred images give the layers more
+            distinct inputs to match: "mixup" blends each image with another of the batch at a
+            uniform random weight, "cutmix" pastes a random square (a quarter of the side or
+            more) of another image of the batch. The teacher then runs in every pass (no cache);
+            BatchNorm statistics are still re-estimated on the images as given. Not the default:
+            at 50% fewer FLOPs cutmix kept 0.05-0.26 points more on four reference models, as
+            much on deit_tiny and 0.23 less on mobilenetv3 (recipes/results/ablation.md).
         micro_batch: split each batch into pieces of this size: less memory for one more
             teacher pass per batch. With BatchNorm in eval mode the gradient is the same; in train
             mode each piece is normalised by its own statistics, as a smaller batch would be.
@@ -100,6 +108,7 @@ class Reconstruction:
     balance: str = "phase2"
     order: str = "execution"
     bn: str = "train+reestimate"
+    augment: str = "none"
     teacher_cache_gb: float | None = None
     micro_batch: int | None = None
     amp: bool = True
@@ -108,6 +117,7 @@ class Reconstruction:
     def __post_init__(self) -> None:
         choices = {"penalty": ("l2", "replace", "fade"), "phase1_targets": ("kept", "all"),
                    "balance": ("phase2", "both", "none"), "order": ("execution", "registration"),
+                   "augment": ("none", "mixup", "cutmix"),
                    "bn": ("reestimate", "train", "train+reestimate", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -262,6 +272,8 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     if passes == 0 or not targets:
         return report
     device = device_of(student)
+    remix = settings.augment != "none"
+    generator = torch.Generator().manual_seed(0)
     train_bn = settings.bn.startswith("train")
     _set_modes(student, train_bn)
     _set_modes(teacher, train_bn)
@@ -276,7 +288,8 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     # the teacher's layer energies of each batch, the same in every pass (the teacher is fixed)
     energies: dict[int, dict[str, list[torch.Tensor]]] = {}
     hooks = _Hooks(student, teacher, targets, feed, batches[0][:1].to(device),
-                   _cache_bytes(settings.teacher_cache_gb, device) if passes > 1 else 0, total)
+                   _cache_bytes(settings.teacher_cache_gb, device) if passes > 1 and not remix else 0,
+                   total)
     try:
         with hooks:
             for j in range(passes):
@@ -285,6 +298,9 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
                 parts: list[list[torch.Tensor]] = []
                 for i, x in enumerate(batches):
                     optimiser.zero_grad(set_to_none=True)
+                    if remix:
+                        x = _remix(x, settings.augment, generator)
+                        energies.pop(i, None)  # the teacher's energies of the new batch
                     pieces = [p.to(device, non_blocking=True) for p in _pieces(x, settings.micro_batch)]
                     if i not in energies and len(pieces) > 1:
                         with autocast(device, settings.amp):
@@ -715,6 +731,23 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _remix(x: torch.Tensor, how: str, generator: torch.Generator) -> torch.Tensor:
+    """The batch ``x`` with each image mixed with another of the batch ("mixup": a blend at a
+    uniform random weight; "cutmix": a random square of the other pasted in)."""
+    other = x[torch.randperm(len(x), generator=generator).to(x.device)]
+    if how == "mixup":
+        weight = torch.rand((len(x),) + (1,) * (x.dim() - 1), generator=generator)
+        return torch.lerp(other, x, weight.to(x.device, x.dtype))
+    height, width = x.shape[-2:]
+    shorter = min(height, width)
+    side = int(torch.randint(max(1, shorter // 4), max(shorter, 2), (1,), generator=generator))
+    top = int(torch.randint(0, height - side + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - side + 1, (1,), generator=generator))
+    mixed = x.clone()
+    mixed[..., top:top + side, left:left + side] = other[..., top:top + side, left:left + side]
+    return mixed
 
 
 def _pieces(x: torch.Tensor, size: int | None) -> tuple[torch.Tensor, ...]:

@@ -3,6 +3,7 @@
     python recipes/ablation.py                                   # resnet18, 50% fewer FLOPs
     python recipes/ablation.py --models resnet18 resnet10t --level 0.7
     python recipes/ablation.py --importance l2 --variants defaults "authors()"   # the authors' plan
+    python recipes/ablation.py --models resnet10t --cache DIR    # DIR/reference: other reference models
 
 Each row changes one ``ptsp.Reconstruction`` field from the defaults (the first row), plus the
 authors' full configuration (``Reconstruction.authors()``); every run uses the same 512 unlabeled
@@ -48,6 +49,8 @@ SINGLE: dict[str, dict] = {
     "phase1_lr=1e-3": {"phase1_lr": 1e-3},
     "phase1_passes=5": {"phase1_passes": 5},
     "phase1_passes=10": {"phase1_passes": 10},
+    "augment=mixup": {"augment": "mixup"},
+    "augment=cutmix": {"augment": "cutmix"},
 }
 #: the paper's loss choices (the defaults until this ablation favoured the authors' code)
 L2_KEPT = {"penalty": "l2", "phase1_targets": "kept"}
@@ -71,8 +74,12 @@ def main() -> None:
     ap.add_argument("--level", type=float, default=0.5, help="fraction of FLOPs removed")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--importance", default="auto", choices=("auto", "l2", "taylor"))
+    ap.add_argument("--cache", type=Path, help="folder of other reference models (DIR/reference), "
+                    "e.g. longer-trained ones made by accuracy.py --reference-epochs")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.cache is not None:
+        reference.CACHE = args.cache / "reference"
     # a retrained reference model (another dense top-1) is another model: it gets its own rows
     done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"], r.get("defaults") or "",
              r.get("bf16") or "") for r in table.rows(CSV)}

@@ -17,7 +17,7 @@ from torch import nn
 import ptsp
 from ptsp.groups import build_groups
 from ptsp.reconstruction import (_CHUNK, Reconstruction, _cache_bytes, _Hooks,
-                                 _modified_in_place, _param_groups, _pieces, _RelativeError,
+                                 _modified_in_place, _param_groups, _pieces, _RelativeError, _remix,
                                  _selections, _Target, doomed_masks, join_single_images,
                                  layer_names, phase1, reestimate_bn)
 from ptsp.surgery import apply, kept_indices
@@ -407,6 +407,39 @@ def test_teacher_cache_budget_is_the_setting_or_half_the_free_memory():
     assert 0 < _cache_bytes(None, cpu) < 2**60
 
 
+def test_remix_mixes_each_image_with_another_of_its_batch():
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()  # image i is all i
+    blend = _remix(x, "mixup", torch.Generator().manual_seed(0))
+    assert blend.shape == x.shape and not torch.equal(blend, x)
+    assert all(img.unique().numel() == 1 for img in blend)  # one weight per image
+    cut = _remix(x, "cutmix", torch.Generator().manual_seed(0))
+    pasted = cut != x
+    rows, cols = pasted.any(0)[0].any(1), pasted.any(0)[0].any(0)
+    side = int(rows.sum())
+    assert 2 <= side < 8 and int(cols.sum()) == side  # one square, at least a quarter of the side
+    outside = ~(rows[:, None] & cols[None, :])
+    assert torch.equal(cut[..., outside], x[..., outside])
+    for img in cut:  # inside the square: one other image of the batch, or itself
+        assert img[0][rows[:, None] & cols[None, :]].unique().numel() == 1
+    assert torch.equal(cut, _remix(x, "cutmix", torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("augment", ["mixup", "cutmix"])
+def test_augmented_reconstruction_is_seeded_and_runs_the_teacher_every_pass(trained, fmnist, augment):
+    calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
+    settings = Reconstruction(phase1_passes=2, phase2_passes=2, progress=False, augment=augment)
+    a, b = (ptsp.prune(trained, calib, 0.5, reconstruction=settings) for _ in range(2))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    report = ptsp.plan_of(a)["report"]
+    assert not report["phase1"]["teacher_cached"] and not report["phase2"]["teacher_cached"]
+    plain = ptsp.prune(trained, calib, 0.5, reconstruction=dataclasses.replace(settings, augment="none"))
+    assert not all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), plain.state_dict().values()))
+    with pytest.raises(ValueError, match="cutmix"):
+        ptsp.prune(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [torch.randn(8, 4)], 0.5,
+                   reconstruction=Reconstruction(augment="cutmix"))
+
+
 def test_authors_settings_run(trained, fmnist):
     calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
     settings = Reconstruction.authors(phase1_passes=1, phase2_passes=1, progress=False)
@@ -432,7 +465,7 @@ def test_non_finite_loss_stops_and_restores(trained, fmnist):
     ({"lmbda": float("nan")}, "lmbda"), ({"micro_batch": 0}, "micro_batch"),
     ({"balance": "all"}, "balance"), ({"order": "random"}, "order"), ({"phase1_targets": "x"}, "phase1_targets"),
     ({"micro_batch": 1}, "two images"), ({"teacher_cache_gb": -1}, "teacher_cache_gb"),
-    ({"teacher_cache_gb": True}, "teacher_cache_gb"),
+    ({"teacher_cache_gb": True}, "teacher_cache_gb"), ({"augment": "flip"}, "augment"),
 ])
 def test_bad_settings(changes, match):
     with pytest.raises(ValueError, match=match):
