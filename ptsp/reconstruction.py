@@ -86,8 +86,9 @@ class Reconstruction:
             uniform random weight, "cutmix" pastes a random square (a quarter of the side or
             more) of another image of the batch. The teacher then runs in every pass (no cache);
             BatchNorm statistics are still re-estimated on the images as given. Not the default:
-            at 50% fewer FLOPs cutmix kept 0.05-0.26 points more on four reference models, as
-            much on deit_tiny and 0.23 less on mobilenetv3 (recipes/results/ablation.md).
+            at 50% fewer FLOPs on eight reference models, cutmix moved top-1 by −0.13 to +0.50
+            points (mean +0.10), mixup by −0.18 to +0.19 (mean −0.03), no more than another draw
+            of the images does (recipes/results/ablation.md, noise.md).
         micro_batch: split each batch into pieces of this size: less memory for one more
             teacher pass per batch. With BatchNorm in eval mode the gradient is the same; in train
             mode each piece is normalised by its own statistics, as a smaller batch would be.
