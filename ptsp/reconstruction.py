@@ -87,8 +87,8 @@ class Reconstruction:
             more) of another image of the batch. The teacher then runs in every pass (no cache);
             BatchNorm statistics are still re-estimated on the images as given. Not the default:
             at 50% fewer FLOPs on eight reference models, cutmix moved top-1 by −0.13 to +0.50
-            points (mean +0.10), mixup by −0.18 to +0.19 (mean −0.03), no more than another draw
-            of the images does (recipes/results/ablation.md, noise.md).
+            points (mean +0.10), mixup by −0.18 to +0.19 (mean −0.03); another draw of the images
+            alone moves it up to 0.3 (recipes/results/ablation.md, noise.md).
         micro_batch: split each batch into pieces of this size: less memory for one more
             teacher pass per batch. With BatchNorm in eval mode the gradient is the same; in train
             mode each piece is normalised by its own statistics, as a smaller batch would be.
