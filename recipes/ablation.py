@@ -63,6 +63,9 @@ VARIANTS: dict[str, dict] = {
     # fade shrinks the doomed slices outside Adam, so a lower phase-1 rate no longer slows that
     **{f"penalty=fade, phase1_lr={name}": {"penalty": "fade", "phase1_lr": float(name)}
        for name in ("3e-4", "1e-3")},
+    # remixed batches keep giving new inputs: do more passes pay there?
+    "augment=cutmix, passes 60+30": {"augment": "cutmix", "phase1_passes": 60, "phase2_passes": 30},
+    "passes 60+30": {"phase1_passes": 60, "phase2_passes": 30},
     **{f"l2+kept, {name}": {**L2_KEPT, **change} for name, change in SINGLE.items()
        if name not in ("penalty=l2", "phase1_targets=kept")},
 }
