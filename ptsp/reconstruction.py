@@ -287,6 +287,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     bar = tqdm(total=passes * len(batches), desc=f"ptsp {desc}", disable=not settings.progress,
                leave=False)
     # the teacher's layer energies of each batch, the same in every pass (the teacher is fixed)
+    # unless the batches are remixed
     energies: dict[int, dict[str, list[torch.Tensor]]] = {}
     hooks = _Hooks(student, teacher, targets, feed, batches[0][:1].to(device),
                    _cache_bytes(settings.teacher_cache_gb, device) if passes > 1 and not remix else 0,
