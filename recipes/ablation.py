@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.cache is not None:
-        reference.CACHE = args.cache / "reference"
+        reference.use_cache(args.cache)
     # a retrained reference model (another dense top-1) is another model: it gets its own rows
     done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"], r.get("defaults") or "",
              r.get("bf16") or "") for r in table.rows(CSV)}

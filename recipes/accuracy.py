@@ -192,8 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.cache is not None:
-        reference.CACHE = args.cache / "reference"
-        reference.TRAINED = args.results / "reference.json"
+        reference.use_cache(args.cache, args.results)
     if args.report:
         write_report(args.results)
     else:

@@ -123,8 +123,7 @@ class Run:
         self.acc = training.accelerator()
         self.csv = args.results / "compare.csv"
         self.artifacts = args.cache / "compare"
-        reference.CACHE = args.cache / "reference"
-        reference.TRAINED = args.results / "reference.json"  # a training here is recorded there
+        reference.use_cache(args.cache, args.results)  # a training here is recorded there
         self.data = training.fashion_mnist_data(args.sample)
         calib_x = self.data.train.tensors[0]
         self.calib = ptsp.data.calibration_loader(calib_x, args.samples, 64, seed=args.seed)

@@ -31,6 +31,16 @@ MODELS: dict[str, dict] = {
 }
 
 
+def use_cache(folder: Path, results: Path | None = None) -> None:
+    """Read (and train) the reference models in ``folder/reference`` instead of the default cache,
+    recording trainings in ``results/reference.json`` when given: a study of other reference
+    models (longer-trained ones) beside the main tables."""
+    global CACHE, TRAINED
+    CACHE = folder / "reference"
+    if results is not None:
+        TRAINED = results / "reference.json"
+
+
 def create(name: str, mean: float, std: float, num_classes: int = 10) -> torch.nn.Module:
     """A timm architecture for 1×32×32 Fashion-MNIST (the creation arguments of ``MODELS`` for the
     reference models), with a data config that says how to preprocess its inputs."""
