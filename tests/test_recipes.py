@@ -174,7 +174,7 @@ def test_compare_with_two_processes(tmp_path):
     rows = {r["method"]: r for r in table.rows(tmp_path / "compare.csv")}
     assert set(rows) == {"dense", *compare.METHODS}
     assert all(r["processes"] == "2" for r in rows.values())
-    for method in ("psp", "tp", "tp+bn", "finetune", "scratch-e", "scratch-b"):
+    for method in ("psp", "psp-4x", "tp", "tp+bn", "finetune", "scratch-e", "scratch-b"):
         assert abs(int(rows[method]["flops"]) / int(rows[method]["flops_dense"]) - 0.5) < 0.02
     assert rows["finetune"]["params"] == rows["psp"]["params"] == rows["scratch-b"]["params"]
     assert float(rows["scratch-b"]["epochs"]) > float(rows["scratch-e"]["epochs"])
@@ -219,9 +219,17 @@ def test_the_checks_read_the_targets_off_the_rows():
                 "top1": top1, "dense_top1": "90.00", "seconds": seconds, "epochs": epochs}
 
     rows = [row("dense", "90.00", epochs="4.0"), row("psp", "89.70"), row("tp", "80.00"),
-            row("finetune", "89.95", "30"), row("scratch-b", "90.40", "100", "8.0")]
+            row("finetune", "89.95", "30"), row("scratch-b", "90.40", "100", "8.0"),
+            row("psp-4x", "89.95", "20")]
     note, = compare.checks(rows)[2:]
-    assert "finetune +0.25 points over psp (within 0.5) at 3.0×" in note
+    assert "finetune +0.25 points over psp (within 0.5) at 3.0× psp's wall time" in note
+    assert "scratch-b +0.70 points over psp (NOT within 0.5) at 10.0×" in note
+    # the larger calibration set is read off the table beside the default one, at its own time
+    assert "scratch-b +0.45 points over psp-4x (within 0.5) at 5.0× psp-4x's wall time" in note
+    # no time ratio between rows timed on different machines
+    rows[-1]["cpu"] = "Another CPU, 2 threads"
+    note, = compare.checks(rows)[2:]
+    assert "scratch-b +0.45 points over psp-4x (within 0.5) timed on another machine" in note
     assert "scratch-b +0.70 points over psp (NOT within 0.5) at 10.0×" in note
     # a comparator above the dense reference is named, with its epochs against the reference's
     assert "scratch-b beats the dense reference itself by +0.40 (8.0 epochs, the reference 4.0)" in note
