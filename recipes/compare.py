@@ -263,7 +263,8 @@ def write_report(results: Path) -> None:
              "Top-1 (%) on the 10k test images; psp and Torch-Pruning calibrate on the same "
              "unlabeled training images, psp-4x on four times as many. Latency: one batch of 32 images on the CPU, median "
              "of 11. Seconds: wall time of pruning plus any training (fine-tune includes psp's), on "
-             "the machine of the cpu column (on its GPU where it names one). × psp: that time over psp's. bn, lr and max ratio: the ptsp defaults "
+             "the machine of the cpu column (on its GPU where it names one). × psp: that time over psp's "
+             "(where psp's row was timed on the same machine). bn, lr and max ratio: the ptsp defaults "
              "(`Reconstruction.bn`, `Reconstruction.lr`, `prune`'s max_ratio) that the psp model "
              "behind the row ran with (fine-tune starts from it, Scratch-E/B take its architecture). cpu: "
              "the machine and torch threads per process that measured the row's latency and seconds "
@@ -286,7 +287,7 @@ def write_report(results: Path) -> None:
                 top1, base = float(r["top1"]), float(r["dense_top1"])
                 kept = int(r["flops"]) / int(r["flops_dense"])
                 seconds = float(r["seconds"])
-                times = seconds / psp_s
+                times = seconds / psp_s if "psp" in cell and _one_machine(r, cell["psp"]) else math.nan
                 settings = " | ".join((r.get(f) or RECORDED_LATER[f]) if method in FROM_PSP else ""
                                       for f in SETTINGS)
                 lines.append(f"| {name} | {'dense' if level == '0' else f'−{float(level):.0%}'} | "
@@ -296,6 +297,12 @@ def write_report(results: Path) -> None:
     lines += ["", *checks(rows), "", "![top-1 against FLOPs and wall time](compare.png)"]
     (results / "compare.md").write_text("\n".join(lines) + "\n")
     _plot(rows, models, results / "compare.png")
+
+
+def _one_machine(a: dict, b: dict) -> bool:
+    """Whether two rows were timed on one machine: only then do their seconds compare (the rows of
+    one table may come from several runs)."""
+    return (a.get("cpu") or "").split(",")[0] == (b.get("cpu") or "").split(",")[0]
 
 
 def checks(rows: list[dict]) -> list[str]:
@@ -317,9 +324,7 @@ def checks(rows: list[dict]) -> list[str]:
                 for mine in (m for m in ("psp", "psp-4x") if m in cell):
                     gap = float(cell[other]["top1"]) - float(cell[mine]["top1"])
                     speed = float(cell[other]["seconds"]) / float(cell[mine]["seconds"])
-                    # seconds compare on one machine only (rows of one table may come from several)
-                    cpus = {(cell[m].get("cpu") or "").split(",")[0] for m in (other, mine)}
-                    when = (f"at {speed:.1f}× {mine}'s wall time" if len(cpus) == 1
+                    when = (f"at {speed:.1f}× {mine}'s wall time" if _one_machine(cell[other], cell[mine])
                             else "timed on another machine")
                     notes.append(f"{other} {gap:+.2f} points over {mine} "
                                  f"({'within' if gap <= 0.5 else 'NOT within'} 0.5) {when}")
