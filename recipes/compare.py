@@ -183,6 +183,12 @@ class Run:
         for level in args.levels:
             self.level(name, base, str(level), epochs, dense)
 
+    def psp(self, base: torch.nn.Module, calib, level: str) -> tuple[torch.nn.Module, float]:
+        """``ptsp.prune`` with its defaults on a copy of ``base`` and its wall time in seconds."""
+        t0 = time.perf_counter()
+        pruned = ptsp.prune(copy.deepcopy(base).to(self.acc.device), calib, float(level), target="flops")
+        return pruned, time.perf_counter() - t0
+
     def level(self, name: str, base: torch.nn.Module, level: str, epochs: float, dense: dict) -> None:
         acc, args = self.acc, self.args
         todo = [m for m in args.methods if (name, level, m) not in self.done]
@@ -193,20 +199,15 @@ class Run:
         if acc.is_main_process:
             if "psp" in todo or not psp_path.exists() or table.stale(
                     table.settings(ptsp.plan_of(ptsp.load(psp_path))), SETTINGS, {}):
-                t0 = time.perf_counter()
-                pruned = ptsp.prune(copy.deepcopy(base).to(acc.device), self.calib, float(level),
-                                    target="flops")
-                seconds = time.perf_counter() - t0
+                pruned, seconds = self.psp(base, self.calib, level)
                 self.artifacts.mkdir(parents=True, exist_ok=True)
                 ptsp.save(pruned, psp_path, overwrite=True, model_args=reference.MODELS[name] or None)
                 if "psp" in todo:
                     self.measure(name, level, "psp", pruned, seconds, dense,
                                  settings=table.settings(ptsp.plan_of(pruned)))
             if "psp-4x" in todo:
-                t0 = time.perf_counter()
-                pruned = ptsp.prune(copy.deepcopy(base).to(acc.device), self.calib_4x, float(level),
-                                    target="flops")
-                self.measure(name, level, "psp-4x", pruned, time.perf_counter() - t0, dense,
+                pruned, seconds = self.psp(base, self.calib_4x, level)
+                self.measure(name, level, "psp-4x", pruned, seconds, dense,
                              settings=table.settings(ptsp.plan_of(pruned)))
             for method in ("tp", "tp+bn"):
                 if method in todo:
