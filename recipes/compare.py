@@ -59,7 +59,7 @@ from ptsp.counting import count
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / ".cache"
 FIELDS = ["model", "level", "method", "top1", "dense_top1", "params", "flops", "flops_dense",
-          "latency_ms", "seconds", "epochs", "processes", "bn", "lr", "max_ratio", "cpu"]
+          "latency_ms", "seconds", "epochs", "processes", "bn", "lr", "max_ratio", "cpu", "seed", "samples"]
 METHODS = ("psp", "psp-4x", "tp", "tp+bn", "dhspg", "finetune", "scratch-e", "scratch-b")
 TRAINED = ("dhspg", "finetune", "scratch-e", "scratch-b")
 #: the rows made from the psp model: measured again when the ptsp defaults it ran with change
@@ -67,7 +67,6 @@ FROM_PSP = ("psp", "psp-4x", "finetune", "scratch-e", "scratch-b")
 SETTINGS = ("bn", "lr", "max_ratio")
 #: what rows made before the settings were recorded ran with
 RECORDED_LATER = {"bn": "reestimate", "lr": "0.001", "max_ratio": "1.0"}
-COMMAND = "accelerate launch recipes/compare.py"
 
 
 def latency_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -152,7 +151,8 @@ class Run:
     def record(self, row: dict) -> None:
         if self.acc.is_main_process:
             print(row, flush=True)
-            table.append(self.csv, FIELDS, {**row, "processes": self.acc.num_processes})
+            table.append(self.csv, FIELDS, {**row, "processes": self.acc.num_processes,
+                                            "seed": self.args.seed, "samples": self.args.samples})
 
     def measure(self, name: str, level: str, method: str, model: torch.nn.Module, seconds: float,
                 dense: dict, epochs: float | str = "", settings: dict | None = None,
@@ -257,10 +257,8 @@ def write_report(results: Path) -> None:
     if not rows:
         return
     models = list(dict.fromkeys(r["model"] for r in rows))
-    where = (f" --results {os.path.relpath(results.resolve(), RESULTS.parents[1])}"
-             if results.resolve() != RESULTS else "")
     lines = ["# ptsp against the alternatives (Fashion-MNIST reference models)", "",
-             f"Regenerate: `{COMMAND}{where}` (resumes from `compare.csv`; `--report` only redraws). "
+             f"Regenerate: {regenerate(rows, results)} (resumes from `compare.csv`; `--report` only redraws). "
              "Top-1 (%) on the 10k test images; psp and Torch-Pruning calibrate on the same "
              "unlabeled training images, psp-4x on four times as many. Latency: one batch of 32 images on the CPU, median "
              "of 11. Seconds: wall time of pruning plus any training (fine-tune includes psp's), on "
@@ -298,6 +296,44 @@ def write_report(results: Path) -> None:
     lines += ["", *checks(rows), "", "![top-1 against FLOPs and wall time](compare.png)"]
     (results / "compare.md").write_text("\n".join(lines) + "\n")
     _plot(rows, models, results / "compare.png")
+
+
+def regenerate(rows: list[dict], results: Path) -> str:
+    """The command that makes ``rows`` again from nothing (training the reference models that are
+    not cached), read off the rows themselves, as a table grows over several runs of other options:
+    every option whose value differs from its default, and a note where rows disagree on one."""
+    ap, opts, mixed = parser(), [], []
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    levels = sorted({r["level"] for r in rows if r["level"] != "0"}, key=float)
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    if models != ap.get_default("models"):
+        opts += ["--models", *models]
+    if [float(lv) for lv in levels] != ap.get_default("levels"):
+        opts += ["--levels", *levels]
+    if methods != ap.get_default("methods"):
+        opts += ["--methods", *methods]
+    # rows written before a value was recorded ran with the default
+    for option, method, field in (("--reference-epochs", "dense", "epochs"), ("--finetune-epochs", "finetune", "epochs"),
+                                  ("--seed", None, "seed"), ("--samples", None, "samples")):
+        default = ap.get_default(option[2:].replace("-", "_"))
+        values = sorted({float(r.get(field) or default) for r in rows if method in (None, r["method"])})
+        if len(values) > 1:
+            mixed.append(f"{option} " + " / ".join(f"{v:g}" for v in values))
+        elif values and values[0] != default:
+            opts += [option, f"{values[0]:g}"]
+    if results.resolve() != RESULTS:
+        opts += ["--results", os.path.relpath(results.resolve(), RESULTS.parents[1])]
+    launch = "accelerate launch"
+    processes = {r.get("processes") or "1" for r in rows}
+    if len(processes) == 1 and processes != {"1"}:
+        launch += f" --num_processes {processes.pop()}"
+    if any("bf16 training" in (r.get("cpu") or "") for r in rows):
+        launch += " --mixed_precision bf16"
+    note = f" (its rows ran with several values of {'; '.join(mixed)})" if mixed else ""
+    cells = len(models) * (1 + len(levels) * len(methods))  # a dense row per model
+    if len(rows) < cells:
+        note += f" (which makes {cells} rows; the table holds {len(rows)} of them)"
+    return f"`{launch} {' '.join(['recipes/compare.py', *opts])}`{note}"
 
 
 def _one_machine(a: dict, b: dict) -> bool:
@@ -370,7 +406,7 @@ def _plot(rows: list[dict], models: list[str], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(reference.MODELS), choices=list(reference.MODELS))
     ap.add_argument("--levels", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="FLOPs reductions")
@@ -387,7 +423,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of compare.csv/.md/.png (and reference.json)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="folder of reference models and artifacts")
     ap.add_argument("--report", action="store_true", help="only redraw the table and plots")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if not args.report:
         run = Run(args)
         for name in args.models:

@@ -183,7 +183,9 @@ def test_compare_with_two_processes(tmp_path):
     assert rows["tp"]["lr"] == rows["dhspg"]["lr"] == ""
     # accelerate gives each CPU process one thread
     assert all(r["cpu"] == table.cpu(threads=1) for r in rows.values())
-    assert "| psp |" in (tmp_path / "compare.md").read_text()
+    assert all(r["seed"] == "0" and r["samples"] == "64" for r in rows.values())
+    report = (tmp_path / "compare.md").read_text()
+    assert "| psp |" in report and "--reference-epochs 1 --samples 64" in report
     assert (tmp_path / "compare.png").stat().st_size > 0
     # the reference model trained for this run is recorded with its results, not in the repo's
     assert json.loads((tmp_path / "reference.json").read_text())["resnet10t"]["epochs"] == "1"
@@ -234,6 +236,26 @@ def test_the_checks_read_the_targets_off_the_rows():
     # a comparator above the dense reference is named, with its epochs against the reference's
     assert "scratch-b beats the dense reference itself by +0.40 (8.0 epochs, the reference 4.0)" in note
     assert "finetune beats" not in note and "psp ahead of tp by +9.70" in note
+
+
+def test_the_regenerate_command_is_read_off_the_rows(tmp_path):
+    """A table grown over several runs names the one command that makes its rows again."""
+    import compare
+
+    def row(level, method, **extra):
+        return {"model": "resnet10t", "level": level, "method": method, "epochs": "", **extra}
+
+    rows = [row("0", "dense", epochs="48.0", cpu="CPU, 2 threads, bf16 training", seed="1"),
+            *(row(lv, m, seed="1") for lv in ("0.3", "0.5", "0.7") for m in ("psp", "tp")),
+            row("0.5", "finetune", epochs="1.0")]  # written before the seed was recorded: seed 0
+    command = compare.regenerate(rows, compare.RESULTS)
+    assert command.startswith("`accelerate launch --mixed_precision bf16 recipes/compare.py --models resnet10t "
+                              "--methods psp tp finetune --reference-epochs 48`")
+    assert "several values of --seed 0 / 1" in command
+    assert "which makes 10 rows; the table holds 8 of them" in command
+    rows = [{**r, "seed": "1"} for r in rows[:-1]]
+    assert compare.regenerate(rows, tmp_path).endswith(
+        f"--methods psp tp --reference-epochs 48 --seed 1 --results {os.path.relpath(tmp_path, ROOT)}`")
 
 
 @pytest.mark.parametrize("bn", ["train+reestimate", "reestimate"])
