@@ -51,16 +51,17 @@ def cpu(threads: int | None = None) -> str:
 
     import torch
 
-    name = platform.processor() or platform.machine()
+    name, flags = platform.processor() or platform.machine(), []
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        lines = cpuinfo.read_text().splitlines()
+        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), name)
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    # a virtual CPU's model name hides whether it has AMX, which doubles its bfloat16 speed
+    amx = " with AMX" if "amx_bf16" in flags else ""
     threads = threads or torch.get_num_threads()
     bf16 = ", native bfloat16" if native_bf16() else ""
-    return f"{name}{bf16}, {threads} thread{'s' if threads > 1 else ''}"
+    return f"{name}{amx}{bf16}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def settings(plan: dict) -> dict:
