@@ -301,7 +301,8 @@ def write_report(results: Path) -> None:
 def regenerate(rows: list[dict], results: Path) -> str:
     """The command that makes ``rows`` again from nothing (training the reference models that are
     not cached), read off the rows themselves, as a table grows over several runs of other options:
-    every option whose value differs from its default, and a note where rows disagree on one."""
+    every option whose value differs from its default, and a note where rows disagree on one. The
+    quick-look options (``--sample``, ``--epochs-scale``) are not recorded: their tables are not kept."""
     ap, opts, mixed = parser(), [], []
     models = list(dict.fromkeys(r["model"] for r in rows))
     levels = sorted({r["level"] for r in rows if r["level"] != "0"}, key=float)
