@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -59,7 +60,8 @@ from ptsp.counting import count
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / ".cache"
 FIELDS = ["model", "level", "method", "top1", "dense_top1", "params", "flops", "flops_dense",
-          "latency_ms", "seconds", "epochs", "processes", "bn", "lr", "max_ratio", "cpu", "seed", "samples"]
+          "latency_ms", "seconds", "psp_seconds", "epochs", "processes", "bn", "lr", "max_ratio", "cpu", "seed",
+          "samples"]
 METHODS = ("psp", "psp-4x", "tp", "tp+bn", "dhspg", "finetune", "scratch-e", "scratch-b")
 TRAINED = ("dhspg", "finetune", "scratch-e", "scratch-b")
 #: the rows made from the psp model: measured again when the ptsp defaults it ran with change
@@ -156,15 +158,17 @@ class Run:
 
     def measure(self, name: str, level: str, method: str, model: torch.nn.Module, seconds: float,
                 dense: dict, epochs: float | str = "", settings: dict | None = None,
-                precision: str = "") -> None:
+                precision: str = "", psp_seconds: float | None = None) -> None:
         """Evaluate and time ``model`` and record its row; ``precision``: accelerate's mixed
-        precision of its training (``accelerate launch --mixed_precision``), if it trained."""
+        precision of its training (``accelerate launch --mixed_precision``), if it trained;
+        ``psp_seconds``: psp's wall time at this level on this machine, which the row's is read against."""
         model = model.cpu().eval()
         params, flops = count(model, self.bench_x[:1])
         self.record({"model": name, "level": level, "method": method,
                      "top1": f"{training.evaluate(model, self.data):.2f}", "dense_top1": dense["top1"],
                      "params": params, "flops": flops, "flops_dense": dense["flops"],
                      "latency_ms": f"{latency_ms(model, self.bench_x):.2f}", "seconds": f"{seconds:.1f}",
+                     "psp_seconds": "" if psp_seconds is None else f"{psp_seconds:.1f}",
                      "epochs": epochs, **(settings or {}),
                      "cpu": self.machine + (f", {precision} training" if precision not in ("", "no") else "")})
 
@@ -196,25 +200,31 @@ class Run:
             return
         # the calibration draw is part of the model's name: runs of other seeds or sizes may share a cache
         psp_path = self.artifacts / f"{name}-{level}-psp-{args.samples}-seed{args.seed}.safetensors"
+        # psp's wall time and the machine that took it: every row of this level is read against it,
+        # so a cached psp model timed elsewhere (another CPU, other threads) is made again here
+        timing = psp_path.with_suffix(".json")
         if acc.is_main_process:
-            if "psp" in todo or not psp_path.exists() or table.stale(
-                    table.settings(ptsp.plan_of(ptsp.load(psp_path))), SETTINGS, {}):
+            if ("psp" in todo or not psp_path.exists() or not timing.exists()
+                    or json.loads(timing.read_text())["cpu"] != self.machine
+                    or table.stale(table.settings(ptsp.plan_of(ptsp.load(psp_path))), SETTINGS, {})):
                 pruned, seconds = self.psp(base, self.calib, level)
                 self.artifacts.mkdir(parents=True, exist_ok=True)
                 ptsp.save(pruned, psp_path, overwrite=True, model_args=reference.MODELS[name] or None)
+                timing.write_text(json.dumps({"seconds": seconds, "cpu": self.machine}))
                 if "psp" in todo:
                     self.measure(name, level, "psp", pruned, seconds, dense,
-                                 settings=table.settings(ptsp.plan_of(pruned)))
+                                 settings=table.settings(ptsp.plan_of(pruned)), psp_seconds=seconds)
+            psp_seconds = json.loads(timing.read_text())["seconds"]
             if "psp-4x" in todo:
                 pruned, seconds = self.psp(base, self.calib_4x, level)
                 self.measure(name, level, "psp-4x", pruned, seconds, dense,
-                             settings=table.settings(ptsp.plan_of(pruned)))
+                             settings=table.settings(ptsp.plan_of(pruned)), psp_seconds=psp_seconds)
             for method in ("tp", "tp+bn"):
                 if method in todo:
-                    self.torch_pruning(name, base, level, method, dense)
+                    self.torch_pruning(name, base, level, method, dense, psp_seconds)
         acc.wait_for_everyone()
+        psp_seconds = json.loads(timing.read_text())["seconds"]
         plan = ptsp.plan_of(ptsp.load(psp_path))
-        psp_seconds = sum(plan["seconds"].values())
         settings = table.settings(plan)
         ratio = plan["flops"]["before"] / plan["flops"]["after"]
         for method in (m for m in TRAINED if m in todo):
@@ -238,10 +248,11 @@ class Run:
                 seconds = stats["seconds"] + (psp_seconds if method == "finetune" else 0.0)
             if acc.is_main_process:
                 self.measure(name, level, method, model, seconds, dense, stats["epochs"],
-                             settings if method in FROM_PSP else None, self.acc.mixed_precision)
+                             settings if method in FROM_PSP else None, self.acc.mixed_precision, psp_seconds)
             acc.wait_for_everyone()
 
-    def torch_pruning(self, name: str, base: torch.nn.Module, level: str, method: str, dense: dict) -> None:
+    def torch_pruning(self, name: str, base: torch.nn.Module, level: str, method: str, dense: dict,
+                      psp_seconds: float) -> None:
         if importlib.util.find_spec("torch_pruning") is None:
             print("torch-pruning missing (pip install -e '.[bench]'): no tp rows", file=sys.stderr)
             return
@@ -249,7 +260,7 @@ class Run:
         model = tp_prune(base, self.bench_x[:1], float(level))
         if method == "tp+bn":
             model = reestimate_bn(model, ptsp.data.read_batches(self.calib))
-        self.measure(name, level, method, model, time.perf_counter() - t0, dense)
+        self.measure(name, level, method, model, time.perf_counter() - t0, dense, psp_seconds=psp_seconds)
 
 
 def write_report(results: Path) -> None:
@@ -263,7 +274,8 @@ def write_report(results: Path) -> None:
              "unlabeled training images, psp-4x on four times as many. Latency: one batch of 32 images on the CPU, median "
              "of 11. Seconds: wall time of pruning plus any training (fine-tune includes psp's), on "
              "the machine of the cpu column (on its GPU where it names one). × psp: that time over psp's "
-             "(where psp's row was timed on the same machine). bn, lr and max ratio: the ptsp defaults "
+             "at the same level on the same machine (timed with the row; for rows made before that was "
+             "recorded, psp's row where it ran on the same machine). bn, lr and max ratio: the ptsp defaults "
              "(`Reconstruction.bn`, `Reconstruction.lr`, `prune`'s max_ratio) that the psp model "
              "behind the row ran with (fine-tune starts from it, Scratch-E/B take its architecture). cpu: "
              "the machine and torch threads per process that measured the row's latency and seconds "
@@ -278,7 +290,6 @@ def write_report(results: Path) -> None:
         mine = [r for r in rows if r["model"] == name]
         for level in sorted({r["level"] for r in mine}, key=float):
             cell = {r["method"]: r for r in mine if r["level"] == level}
-            psp_s = float(cell["psp"]["seconds"]) if "psp" in cell else math.nan
             for method in ("dense",) + METHODS:
                 if method not in cell:
                     continue
@@ -286,7 +297,7 @@ def write_report(results: Path) -> None:
                 top1, base = float(r["top1"]), float(r["dense_top1"])
                 kept = int(r["flops"]) / int(r["flops_dense"])
                 seconds = float(r["seconds"])
-                times = seconds / psp_s if "psp" in cell and _one_machine(r, cell["psp"]) else math.nan
+                times = _times(r, cell.get("psp"))
                 settings = " | ".join((r.get(f) or RECORDED_LATER[f]) if method in FROM_PSP else ""
                                       for f in SETTINGS)
                 lines.append(f"| {name} | {'dense' if level == '0' else f'−{float(level):.0%}'} | "
@@ -343,6 +354,17 @@ def _one_machine(a: dict, b: dict) -> bool:
     return (a.get("cpu") or "").split(",")[0] == (b.get("cpu") or "").split(",")[0]
 
 
+def _times(row: dict, of: dict | None) -> float:
+    """``row``'s wall time over ``of``'s (psp's row where None), or nan where they were not timed on
+    one machine. A row's ``psp_seconds`` is psp's time on the row's own machine: it stands in for
+    psp's row, which an earlier run may have timed elsewhere."""
+    if (of is None or of["method"] == "psp") and row.get("psp_seconds"):
+        return float(row["seconds"]) / float(row["psp_seconds"])
+    if of is None or not _one_machine(row, of):
+        return math.nan
+    return float(row["seconds"]) / float(of["seconds"])
+
+
 def checks(rows: list[dict]) -> list[str]:
     """The issue's targets, read off the table: psp (and psp-4x) within 0.5 points of fine-tuning
     and Scratch-B at −50% FLOPs (with the time ratio, and a note where one beats the dense reference, which
@@ -361,9 +383,8 @@ def checks(rows: list[dict]) -> list[str]:
             if level == "0.5" and other in cell:
                 for mine in (m for m in ("psp", "psp-4x") if m in cell):
                     gap = float(cell[other]["top1"]) - float(cell[mine]["top1"])
-                    speed = float(cell[other]["seconds"]) / float(cell[mine]["seconds"])
-                    when = (f"at {speed:.1f}× {mine}'s wall time" if _one_machine(cell[other], cell[mine])
-                            else "timed on another machine")
+                    speed = _times(cell[other], cell[mine])
+                    when = "timed on another machine" if math.isnan(speed) else f"at {speed:.1f}× {mine}'s wall time"
                     notes.append(f"{other} {gap:+.2f} points over {mine} "
                                  f"({'within' if gap <= 0.5 else 'NOT within'} 0.5) {when}")
                 lead = float(cell[other]["top1"]) - float(cell[other]["dense_top1"])

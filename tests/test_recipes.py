@@ -184,6 +184,8 @@ def test_compare_with_two_processes(tmp_path):
     # accelerate gives each CPU process one thread
     assert all(r["cpu"] == table.cpu(threads=1) for r in rows.values())
     assert all(r["seed"] == "0" and r["samples"] == "64" for r in rows.values())
+    # every row is read against psp's time at its level on its machine
+    assert all(r["psp_seconds"] == rows["psp"]["seconds"] for m, r in rows.items() if m != "dense")
     report = (tmp_path / "compare.md").read_text()
     assert "| psp |" in report and "--reference-epochs 1 " in report and "--samples 64 " in report
     assert (tmp_path / "compare.png").stat().st_size > 0
@@ -233,6 +235,12 @@ def test_the_checks_read_the_targets_off_the_rows():
     note, = compare.checks(rows)[2:]
     assert "scratch-b +0.45 points over psp-4x (within 0.5) timed on another machine" in note
     assert "scratch-b +0.70 points over psp (NOT within 0.5) at 10.0×" in note
+    # psp's time on the row's own machine, recorded with it, stands in for psp's row timed elsewhere
+    rows[1]["cpu"] = "Another CPU, 2 threads"
+    rows[-2]["psp_seconds"] = "5.0"
+    note, = compare.checks(rows)[2:]
+    assert "scratch-b +0.70 points over psp (NOT within 0.5) at 20.0×" in note
+    assert "finetune +0.25 points over psp (within 0.5) timed on another machine" in note
     # a comparator above the dense reference is named, with its epochs against the reference's
     assert "scratch-b beats the dense reference itself by +0.40 (8.0 epochs, the reference 4.0)" in note
     assert "finetune beats" not in note and "psp ahead of tp by +9.70" in note
