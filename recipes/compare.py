@@ -41,6 +41,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -339,6 +340,10 @@ def regenerate(rows: list[dict], results: Path) -> str:
     processes = {r.get("processes") or "1" for r in rows}
     if len(processes) == 1 and processes != {"1"}:
         launch += f" --num_processes {processes.pop()}"
+    # accelerate gives a CPU process one thread unless told: the rows' times depend on it
+    threads = {m.group(1) for r in rows if (m := re.search(r"(\d+) threads?\b", r.get("cpu") or ""))}
+    if len(threads) == 1 and threads != {"1"}:
+        launch += f" --num_cpu_threads_per_process {threads.pop()}"
     if any("bf16 training" in (r.get("cpu") or "") for r in rows):
         launch += " --mixed_precision bf16"
     note = f" (its rows ran with several values of {'; '.join(mixed)})" if mixed else ""

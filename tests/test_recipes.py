@@ -254,10 +254,11 @@ def test_the_regenerate_command_is_read_off_the_rows(tmp_path):
         return {"model": "resnet10t", "level": level, "method": method, "epochs": "", **extra}
 
     rows = [row("0", "dense", epochs="48.0", cpu="CPU, 2 threads, bf16 training", seed="1"),
-            *(row(lv, m, seed="1") for lv in ("0.3", "0.5", "0.7") for m in ("psp", "tp")),
+            *(row(lv, m, seed="1", cpu="CPU, 2 threads") for lv in ("0.3", "0.5", "0.7") for m in ("psp", "tp")),
             row("0.5", "finetune", epochs="1.0")]  # written before the seed was recorded: seed 0
     command = compare.regenerate(rows, compare.RESULTS)
-    assert command.startswith("`accelerate launch --mixed_precision bf16 recipes/compare.py --models resnet10t "
+    assert command.startswith("`accelerate launch --num_cpu_threads_per_process 2 --mixed_precision bf16 "
+                              "recipes/compare.py --models resnet10t "
                               "--methods psp tp finetune --reference-epochs 48`")
     assert "several values of --seed 0 / 1" in command
     assert "which makes 10 rows; the table holds 8 of them" in command
