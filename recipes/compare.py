@@ -205,17 +205,18 @@ class Run:
         # so a cached psp model timed elsewhere (another CPU, other threads) is made again here
         timing = psp_path.with_suffix(".json")
         if acc.is_main_process:
-            if ("psp" in todo or not psp_path.exists() or not timing.exists()
-                    or json.loads(timing.read_text())["cpu"] != self.machine
+            timed = json.loads(timing.read_text()) if timing.exists() else {}
+            if ("psp" in todo or not psp_path.exists() or timed.get("cpu") != self.machine
                     or table.stale(table.settings(ptsp.plan_of(ptsp.load(psp_path))), SETTINGS, {})):
                 pruned, seconds = self.psp(base, self.calib, level)
                 self.artifacts.mkdir(parents=True, exist_ok=True)
                 ptsp.save(pruned, psp_path, overwrite=True, model_args=reference.MODELS[name] or None)
-                timing.write_text(json.dumps({"seconds": seconds, "cpu": self.machine}))
+                timed = {"seconds": seconds, "cpu": self.machine}
+                timing.write_text(json.dumps(timed))
                 if "psp" in todo:
                     self.measure(name, level, "psp", pruned, seconds, dense,
                                  settings=table.settings(ptsp.plan_of(pruned)), psp_seconds=seconds)
-            psp_seconds = json.loads(timing.read_text())["seconds"]
+            psp_seconds = timed["seconds"]
             if "psp-4x" in todo:
                 pruned, seconds = self.psp(base, self.calib_4x, level)
                 self.measure(name, level, "psp-4x", pruned, seconds, dense,
