@@ -152,6 +152,8 @@ class Reconstruction:
 
 
 Select = tuple[int, torch.Tensor] | None | str
+#: per target layer, per call of it in a forward: its loss divisor and gradient factor (``_norm``)
+_Norms = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclasses.dataclass
@@ -280,7 +282,9 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     _set_modes(teacher, train_bn)
     param_groups = _param_groups(student, batches[0][:1].to(device), settings.lr, balanced,
                                  settings.order)
-    optimiser = torch.optim.Adam(param_groups)
+    # one kernel per parameter group on CUDA (the balanced update has one group per layer) where
+    # the default launches a dozen
+    optimiser = torch.optim.Adam(param_groups, fused=device.type == "cuda")
     lrs = {id(p): g["lr"] for g in param_groups for p in g["params"]}
     best_loss, best_state = math.inf, _snapshot(student)
     total = sum(len(b) for b in batches)
@@ -288,7 +292,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
                leave=False)
     # the teacher's layer energies of each batch, the same in every pass (the teacher is fixed)
     # unless the batches are remixed
-    energies: dict[int, dict[str, list[torch.Tensor]]] = {}
+    energies: dict[int, _Norms] = {}
     hooks = _Hooks(student, teacher, targets, feed, batches[0][:1].to(device),
                    _cache_bytes(settings.teacher_cache_gb, device) if passes > 1 and not remix else 0,
                    total)
@@ -361,7 +365,7 @@ class _Hooks:
         self.outputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.inputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.terms: list[torch.Tensor] = []
-        self.energy: dict[str, list[torch.Tensor]] = {}
+        self.energy: _Norms = {}
         self.given = False
         self.pool: dict[tuple[str, str, int], torch.Tensor] = {}
         self.owned: set[int] = set()
@@ -387,12 +391,12 @@ class _Hooks:
         if self.cache is not None:
             self.cache.clear()  # the memory back now; ``cache`` stays a dict: it was used
 
-    def loss(self, x: torch.Tensor, energy: dict[str, list[torch.Tensor]] | None = None,
+    def loss(self, x: torch.Tensor, energy: _Norms | None = None,
              key: Any = None) -> torch.Tensor:
-        """The summed relative errors on ``x``, each normalised by the teacher's energy of that
-        layer: ``energy`` when given (from :meth:`energies`, over the whole batch when ``x`` is
-        one piece of it, or this attribute after an earlier call on the same ``x``), else computed
-        here and left in ``self.energy``. ``key`` names ``x`` in the cache (the same input in
+        """The summed relative errors on ``x``, each divided by the teacher's energy of that layer
+        (its :func:`_norm`): ``energy`` when given (from :meth:`energies`, over the whole batch
+        when ``x`` is one piece of it, or this attribute after an earlier call on the same ``x``),
+        else computed here and left in ``self.energy``. ``key`` names ``x`` in the cache (the same input in
         every pass)."""
         self.outputs.clear()
         self.inputs.clear()
@@ -410,21 +414,23 @@ class _Hooks:
         terms, self.terms = self.terms, []
         return torch.stack(terms).sum() if terms else x.new_zeros((), requires_grad=True)
 
-    def energies(self, pieces: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        """Squared norm of each target layer's (selected) teacher output, per call, summed over
-        the pieces of a batch."""
+    def energies(self, pieces: list[torch.Tensor]) -> _Norms:
+        """Each target layer's loss divisor (:func:`_norm` of the squared norm of its selected
+        teacher output), per call, over all the pieces of a batch."""
         total: dict[str, list[torch.Tensor]] = {}
+        numel: dict[str, list[int]] = {}
         with torch.no_grad():
             for piece in pieces:
                 self.outputs.clear()
                 self.teacher(piece)
                 for name, outs in self.outputs.items():
-                    sums = [_energy(o) for o in outs]
+                    sums, sizes = [_energy(o) for o in outs], [o.numel() for o in outs]
                     prev = total.get(name)
                     total[name] = sums if prev is None else [a + b for a, b in zip(prev, sums)]
+                    numel[name] = sizes if prev is None else [a + b for a, b in zip(numel[name], sizes)]
         self.outputs.clear()
         self.inputs.clear()
-        return total
+        return {name: [_norm(e, n) for e, n in zip(sums, numel[name])] for name, sums in total.items()}
 
     def _store(self, key: Any, images: int) -> None:
         """Keep this input's recordings when caching (deciding on the first), copying those the
@@ -495,18 +501,15 @@ class _Hooks:
             call = self.calls[name]
             self.calls[name] += 1
             if self.given:
-                energy = self.energy[name][call]
+                norm = self.energy[name][call]
             else:
-                energy = _energy(ref)
-                self.energy[name].append(energy)
+                norm = _norm(_energy(ref), ref.numel())
+                self.energy[name].append(norm)
             if out.shape != ref.shape:
                 return
-            # a silent layer (e.g. a zero-initialised scale) has no relative error; the test stays
-            # on the device (no host sync per layer), the clamp keeps the unused branch finite
-            silent = 1e-12 * ref.numel()
             # a tensor the teacher's forward made may also be another layer's recorded input or
             # output: only our own copies are overwritten
-            self.terms.append(_RelativeError.apply(out, ref.to(out.dtype), energy, silent,
+            self.terms.append(_RelativeError.apply(out, ref.to(out.dtype), norm,
                                                    id(ref) in self.owned or ref.dtype != out.dtype))
         return hook
 
@@ -564,43 +567,53 @@ def _energy(t: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _norm(energy: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's loss divisor, the teacher's energy there (infinity for a silent layer, at most
+    1e-12 per element: a zero-initialised scale, say, whose term and gradient are then zero with
+    no test on the host), and the gradient's factor −2/divisor: computed once per batch and
+    layer, not at every step (on an accelerator each operation is a kernel launch)."""
+    norm = torch.where(energy > 1e-12 * numel, energy, math.inf)
+    return norm, -2 / norm
+
+
 class _RelativeError(torch.autograd.Function):
-    """``||out − ref||² / energy`` (0 for a silent layer, ``energy ≤ silent``) with the least
-    memory traffic, as the loss touches every large activation: chunk by chunk, while the chunk
-    is in cache, the difference is formed (into ``ref`` itself when ``reuse``: the caller owns
-    it), squared and summed in float32, and scaled into the gradient. Backward then has nothing
-    to compute when the loss is used unscaled, as ours is. Against
-    ``vector_norm(out.float() − ref.float()).square()`` this cuts the loss's share of a resnet18
-    reconstruction step from 40% to about 15%."""
+    """``||out − ref||² / norm`` with the least memory traffic, as the loss touches every large
+    activation: chunk by chunk, while the chunk is in cache, the difference is formed (into
+    ``ref`` itself when ``reuse``: the caller owns it), squared and summed in float32, and scaled
+    into the gradient. Backward then has nothing to compute when the loss is used unscaled, as
+    ours is. Against ``vector_norm(out.float() − ref.float()).square()`` this cuts the loss's
+    share of a resnet18 reconstruction step from 40% to about 15%; on an accelerator, where each
+    operation is a kernel launch, it takes five per layer (``norm`` from :func:`_norm`)."""
 
     @staticmethod
-    def forward(ctx: Any, out: torch.Tensor, ref: torch.Tensor, energy: torch.Tensor,
-                silent: float, reuse: bool) -> torch.Tensor:
+    def forward(ctx: Any, out: torch.Tensor, ref: torch.Tensor,
+                norm: tuple[torch.Tensor, torch.Tensor], reuse: bool) -> torch.Tensor:
         if not (out.is_contiguous() and ref.is_contiguous()):
             reuse = reuse or not ref.is_contiguous()  # a contiguous copy is ours
             out, ref = out.contiguous(), ref.contiguous()
         diff = ref if reuse else torch.empty_like(ref)
-        error = ref.new_zeros((), dtype=torch.float32)
-        # d/d out of ||out − ref||²/energy is 2(out − ref)/energy = −2(ref − out)/energy
-        scale = torch.where(energy > silent, -2 / energy.clamp_min(silent), 0.0)
+        error: torch.Tensor | None = None
+        # d/d out of ||out − ref||²/norm is 2(out − ref)/norm = −2(ref − out)/norm
+        norm, scale = norm
         with torch.autocast(out.device.type, enabled=False):
             for d, o, r in zip(_chunks(diff), _chunks(out), _chunks(ref)):
                 # float32: bfloat16 arithmetic is slower on the CPU than the conversions
                 f = r.to(torch.float32, copy=not reuse)
                 f.sub_(o)
-                error += torch.dot(f, f)
+                part = torch.dot(f, f)
+                error = part if error is None else error.add_(part)
                 f.mul_(scale)
                 if f.data_ptr() != d.data_ptr():
                     d.copy_(f)
         ctx.save_for_backward(diff)
-        return torch.where(energy > silent, error / energy.clamp_min(silent), 0.0)
+        return error / norm
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         diff, = ctx.saved_tensors  # the graph is never run twice, so diff is free to overwrite
         if grad.device.type != "cpu" or grad.item() != 1:  # no host sync on an accelerator
-            diff = diff.mul_(grad.to(diff.dtype))
-        return diff, None, None, None, None
+            diff = diff.mul_(grad)
+        return diff, None, None, None
 
 
 def _pick(t: torch.Tensor, sel: Select) -> torch.Tensor:

@@ -17,8 +17,8 @@ from torch import nn
 import ptsp
 from ptsp.groups import build_groups
 from ptsp.reconstruction import (_CHUNK, Reconstruction, _cache_bytes, _Hooks,
-                                 _modified_in_place, _param_groups, _pieces, _RelativeError, _remix,
-                                 _selections, _Target, doomed_masks, join_single_images,
+                                 _modified_in_place, _norm, _param_groups, _pieces,
+                                 _RelativeError, _remix, _selections, _Target, doomed_masks, join_single_images,
                                  layer_names, phase1, reestimate_bn)
 from ptsp.surgery import apply, kept_indices
 
@@ -216,7 +216,7 @@ def test_relative_error_over_chunks(dtype, reuse):
     out = (ref.float() + 0.1 * torch.randn_like(ref, dtype=torch.float32)).to(dtype).requires_grad_()
     energy = ref.float().pow(2).sum()
     kept = ref.clone()
-    loss = 3 * _RelativeError.apply(out, ref, energy, 1e-12, reuse)
+    loss = 3 * _RelativeError.apply(out, ref, _norm(energy, ref.numel()), reuse)
     loss.backward()
     want = (out.detach().float() - kept.float()).pow(2).sum() / energy
     assert loss.item() == pytest.approx(3 * want.item(), rel=1e-4)
@@ -228,7 +228,7 @@ def test_relative_error_over_chunks(dtype, reuse):
 
 def test_relative_error_of_a_silent_layer_is_zero():
     out = torch.randn(2, 3, requires_grad=True)
-    loss = _RelativeError.apply(out, torch.zeros(2, 3), torch.tensor(0.0), 1e-12, True)
+    loss = _RelativeError.apply(out, torch.zeros(2, 3), _norm(torch.tensor(0.0), 6), True)
     loss.backward()
     assert loss.item() == 0 and torch.equal(out.grad, torch.zeros(2, 3))
 
