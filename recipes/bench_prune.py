@@ -19,17 +19,28 @@ The ratio is pipeline / floor (target ≤ 1.3). Writes ``recipes/results/bench_p
 
 ``--profile`` runs the pipeline once under ``torch.profiler`` instead and writes its 25 ops with
 the most self time (on the GPU where it runs there) to ``recipes/results/bench_prune_profile.md``.
+
+``--ops`` counts the tensor operations (views apart) of one pipeline run and of its floor instead,
+in total and per kind, into ``recipes/results/bench_prune_ops.md``. On a GPU each is a kernel
+launch with a fixed cost, so when the activations are small the count, not the arithmetic, sets
+the pace; it is measured on any machine (on a CPU, whose optimiser and loss differ slightly):
+
+    python recipes/bench_prune.py --model resnet50 --size 32 --samples 64 --batch 4 \
+        --phase1-passes 4 --phase2-passes 4 --ops
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptsp
 import table
@@ -124,6 +135,60 @@ def profile(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.Na
     (RESULTS / "bench_prune_profile.md").write_text(text)
 
 
+class _Count(TorchDispatchMode):
+    """Counts the operations dispatched inside it, by name; views launch nothing and are left out."""
+
+    VIEWS = {"detach", "view", "_unsafe_view", "split", "slice", "select", "expand", "as_strided",
+             "t", "transpose", "permute", "unsqueeze", "squeeze", "alias", "lift_fresh"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.Namespace,
+              settings: ptsp.Reconstruction) -> None:
+    """Operations of one pipeline run against its floor's (see ``--ops`` above)."""
+    device = next(model.parameters()).device
+    with _Count() as pipeline:
+        pruned = ptsp.prune(model, calib, args.ratio, target="flops", reconstruction=settings)
+    with _Count() as floor:
+        floor_seconds(model, pruned, ptsp.data.read_batches(calib), settings)
+    total, bare = sum(pipeline.counts.values()), sum(floor.counts.values())
+    extra = pipeline.counts - floor.counts
+    cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
+           f"{args.samples} --batch {args.batch} --phase1-passes {args.phase1_passes} --phase2-passes "
+           f"{args.phase2_passes}" + (f" --device {args.device}" if device.type != "cpu" else "")
+           + " --ops")
+    rows = ["| model | device | input | samples | passes (1+2) | pipeline ops | floor ops | ratio |"
+            " most frequent beyond the floor |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {args.model} | {device.type} | {args.size}×{args.size} | {args.samples} | "
+            f"{args.phase1_passes}+{args.phase2_passes} | {total} | {bare} | {total / bare:.2f} | "
+            + ", ".join(f"{name} {n}" for name, n in extra.most_common(8)) + " |"]
+    print("\n".join(rows))
+    out = RESULTS / "bench_prune_ops.md"
+    text = out.read_text() if out.exists() else (
+        "# Operations of the psp pipeline vs its floor\n\nEach is a kernel launch on a GPU (views "
+        "apart), where small activations leave the launches, not the arithmetic, setting the pace. "
+        "Counted on the machine named, whose optimiser and loss implementations may differ from a "
+        "GPU's.\n")
+    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, commit {_commit()}, "
+                   f"{_machine(device)})\n\n" + "\n".join(rows) + "\n")
+
+
+def _commit() -> str:
+    """The code counted: the checkout's commit, ``-dirty`` with changes on top."""
+    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
@@ -136,6 +201,7 @@ def main() -> None:
     parser.add_argument("--phase2-passes", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--profile", action="store_true", help="one profiled run instead (see above)")
+    parser.add_argument("--ops", action="store_true", help="count operations instead (see above)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -147,6 +213,8 @@ def main() -> None:
                                    phase2_passes=args.phase2_passes, progress=False)
     if args.profile:
         return profile(model, calib, args, settings)
+    if args.ops:
+        return count_ops(model, calib, args, settings)
     rows = []
     for _ in range(args.runs):
         t0 = time.perf_counter()

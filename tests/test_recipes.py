@@ -290,6 +290,28 @@ def test_the_compute_floor_runs_batchnorm_as_the_reconstruction_does(bn):
     assert modes and all(mode == bn.startswith("train") for mode in modes)
 
 
+def test_the_operation_count_leaves_views_out_and_compares_with_the_floor(tmp_path, monkeypatch):
+    import argparse
+
+    import bench_prune
+
+    with bench_prune._Count() as count:
+        x = torch.ones(2, 3)
+        (x.view(3, 2).t() * 2 + 1).sum()
+    assert dict(count.counts) == {"ones": 1, "mul": 1, "add": 1, "sum": 1}
+    monkeypatch.setattr(bench_prune, "RESULTS", tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    args = argparse.Namespace(model="tiny", size=10, samples=16, batch=8, ratio=0.5,
+                              phase1_passes=1, phase2_passes=1, device="cpu")
+    settings = ptsp.Reconstruction(phase1_passes=1, phase2_passes=1, progress=False)
+    bench_prune.count_ops(model, list(torch.randn(16, 3, 10, 10).split(8)), args, settings)
+    row = (tmp_path / "bench_prune_ops.md").read_text().splitlines()[-1].split(" | ")
+    pipeline, floor = int(row[5]), int(row[6])
+    assert pipeline > floor > 0 and float(row[7]) == pytest.approx(pipeline / floor, abs=0.01)
+
+
 def test_the_noise_report_pairs_psp_with_each_method_by_seed(tmp_path, monkeypatch):
     import noise
     import table
