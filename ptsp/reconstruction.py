@@ -228,24 +228,28 @@ def phase1(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], 
 
     steps = settings.phase1_passes * len(batches)
     taken = 0
+    # every masked parameter at once, in a few multi-tensor operations (one or two per parameter
+    # were a kernel launch each on a GPU); ``doomed`` is 1 on the masked entries, 0 elsewhere
+    params = [p for p, _ in masks]
+    doomed = [mask.to(p.dtype) for p, mask in masks]
 
     def penalise(pass_index: int, lrs: dict[int, float]) -> None:
         nonlocal taken
         taken += 1
         lmbda = settings.lmbda + pass_index * settings.lmbda_step
         with torch.no_grad():
-            for p, mask in masks:
-                if settings.penalty == "fade":
-                    if p.grad is not None:
-                        p.grad.masked_fill_(mask, 0)
-                    p.copy_(torch.where(mask, p * ((steps - taken) / (steps - taken + 1)), p))
-                elif settings.penalty == "l2":
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad.add_(torch.where(mask, p, 0), alpha=lmbda)
-                else:
-                    grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                    p.grad = torch.where(mask, lmbda * lrs[id(p)] * p, grad)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            if settings.penalty == "l2":  # grad + λ·W on the doomed entries
+                torch._foreach_addcmul_(grads, params, doomed, lmbda)
+                return
+            torch._foreach_addcmul_(grads, grads, doomed, -1)  # the doomed entries' gradient zeroed
+            if settings.penalty == "fade":  # W·(steps − taken)/(steps − taken + 1) there
+                torch._foreach_addcmul_(params, params, doomed, -1 / (steps - taken + 1))
+            else:  # "replace": λ·lr·W there
+                torch._foreach_addcmul_(grads, params, doomed, [lmbda * lrs[id(p)] for p in params])
 
     return _optimise(student, teacher, batches, targets, settings, settings.phase1_passes,
                      balanced=settings.balance == "both", desc="phase 1", before_step=penalise)
@@ -282,9 +286,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     _set_modes(teacher, train_bn)
     param_groups = _param_groups(student, batches[0][:1].to(device), settings.lr, balanced,
                                  settings.order)
-    # one kernel per parameter group on CUDA (the balanced update has one group per layer) where
-    # the default launches a dozen
-    optimiser = torch.optim.Adam(param_groups, fused=device.type == "cuda")
+    optimiser = _Adam(param_groups)
     lrs = {id(p): g["lr"] for g in param_groups for p in g["params"]}
     best_loss, best_state = math.inf, _snapshot(student)
     total = sum(len(b) for b in batches)
@@ -303,7 +305,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
                 # pass, so an accelerator's queue never drains between steps
                 parts: list[list[torch.Tensor]] = []
                 for i, x in enumerate(batches):
-                    optimiser.zero_grad(set_to_none=True)
+                    optimiser.zero_grad()
                     if remix:
                         x = _remix(x, settings.augment, generator)
                         energies.pop(i, None)  # the teacher's energies of the new batch
@@ -315,7 +317,7 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
                     for k, piece in enumerate(pieces):
                         with autocast(device, settings.amp):
                             part = hooks.loss(piece, energies.get(i), (i, k))
-                        part.backward()
+                        hooks.backward(part)
                         parts[-1].append(part.detach())
                     energies[i] = hooks.energy
                     if before_step is not None:
@@ -365,6 +367,12 @@ class _Hooks:
         self.outputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.inputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.terms: list[torch.Tensor] = []
+        # an accelerator's deferred terms: each layer's output, its float32 difference from the
+        # teacher's and its divisor and gradient factor (see ``_defer``)
+        self.deferred = device_of(student).type != "cpu"
+        self.roots: list[torch.Tensor] = []
+        self.diffs: list[torch.Tensor] = []
+        self.norms: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.energy: _Norms = {}
         self.given = False
         self.pool: dict[tuple[str, str, int], torch.Tensor] = {}
@@ -410,9 +418,31 @@ class _Hooks:
         self.given = energy is not None
         self.energy = energy if energy is not None else collections.defaultdict(list)
         self.terms, self.calls = [], collections.Counter()
+        self.roots, self.diffs, self.norms = [], [], []
         self.student(x)
+        if self.diffs:
+            return self._deferred_loss()
         terms, self.terms = self.terms, []
         return torch.stack(terms).sum() if terms else x.new_zeros((), requires_grad=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate the last :meth:`loss` (on an accelerator, from every layer's output at
+        once with its gradient)."""
+        if not self.diffs:
+            loss.backward()
+            return
+        pairs = [(r, d) for r, d in zip(self.roots, self.diffs) if r.requires_grad]
+        if pairs:  # (a layer before any trainable weight has nothing to pass back)
+            torch.autograd.backward(*zip(*pairs))
+        self.roots, self.diffs, self.norms = [], [], []
+
+    def _deferred_loss(self) -> torch.Tensor:
+        """The summed relative errors of the deferred layers, and their differences scaled into
+        the gradients: a handful of multi-tensor operations for all layers together."""
+        norms = torch.stack([n for n, _ in self.norms])
+        errors = torch.stack(torch._foreach_norm(self.diffs)).square_()
+        torch._foreach_mul_(self.diffs, [scale for _, scale in self.norms])
+        return errors.div_(norms).sum()
 
     def energies(self, pieces: list[torch.Tensor]) -> _Norms:
         """Each target layer's loss divisor (:func:`_norm` of the squared norm of its selected
@@ -493,11 +523,11 @@ class _Hooks:
         return torch.index_select(t, sel[0], sel[1], out=buf)
 
     def _score(self, name: str, target: _Target) -> Callable:
-        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+        def hook(module: nn.Module, args: tuple, out: Any) -> torch.Tensor | None:
             if not isinstance(out, torch.Tensor) or not self.outputs[name]:
-                return
+                return None
             ref = self.outputs[name].popleft()
-            out = _pick(out, target.student_out)
+            picked = _pick(out, target.student_out)
             call = self.calls[name]
             self.calls[name] += 1
             if self.given:
@@ -505,13 +535,31 @@ class _Hooks:
             else:
                 norm = _norm(_energy(ref), ref.numel())
                 self.energy[name].append(norm)
-            if out.shape != ref.shape:
-                return
+            if picked.shape != ref.shape:
+                return None
+            if self.deferred:
+                return self._defer(name, out, picked, ref, norm)
             # a tensor the teacher's forward made may also be another layer's recorded input or
             # output: only our own copies are overwritten
-            self.terms.append(_RelativeError.apply(out, ref.to(out.dtype), norm,
-                                                   id(ref) in self.owned or ref.dtype != out.dtype))
+            self.terms.append(_RelativeError.apply(picked, ref.to(picked.dtype), norm,
+                                                   id(ref) in self.owned or ref.dtype != picked.dtype))
+            return None
         return hook
+
+    def _defer(self, name: str, out: torch.Tensor, picked: torch.Tensor, ref: torch.Tensor,
+               norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """An accelerator's term: only the float32 difference now, the rest for all layers at
+        once after the forward (:meth:`_deferred_loss`), and the gradient back-propagated from the
+        layer outputs themselves, with no autograd function per layer: there each operation is a
+        kernel launch, and the host time of the per-layer work outlasted the kernels (resnet50 on
+        a GPU: about 340 µs per layer and step, the bare passes about 40 ms a step). An output
+        the forward later modifies in place stays the root, and the forward goes on with a copy."""
+        owned = id(ref) in self.owned and ref.dtype == torch.float32
+        diff = (ref if owned else ref.to(torch.float32, copy=True)).sub_(picked.detach())
+        self.roots.append(picked)
+        self.diffs.append(diff)
+        self.norms.append(norm)
+        return out.clone() if picked is out and (name, "out") in self.mutated else None
 
     def _replace(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -582,8 +630,9 @@ class _RelativeError(torch.autograd.Function):
     ``ref`` itself when ``reuse``: the caller owns it), squared and summed in float32, and scaled
     into the gradient. Backward then has nothing to compute when the loss is used unscaled, as
     ours is. Against ``vector_norm(out.float() − ref.float()).square()`` this cuts the loss's
-    share of a resnet18 reconstruction step from 40% to about 15%; on an accelerator, where each
-    operation is a kernel launch, it takes five per layer (``norm`` from :func:`_norm`)."""
+    share of a resnet18 reconstruction step from 40% to about 15% on a CPU (``norm`` from
+    :func:`_norm`). An accelerator, bound by the host's time per operation rather than by
+    memory traffic, defers most of this work to all layers at once instead (``_Hooks._defer``)."""
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, ref: torch.Tensor,
@@ -722,6 +771,51 @@ def _param_groups(model: nn.Module, x: torch.Tensor, lr: float, balanced: bool,
             groups.append({"params": params,
                            "lr": lr / (len(ordered) - k) if balanced else lr})
     return groups
+
+
+class _Adam:
+    """Adam as torch's (its defaults, no weight decay, the same arithmetic in the same order)
+    with a learning rate per parameter, stepping all of them with seven multi-tensor operations.
+    torch's Adam steps its parameter groups one at a time in Python, and the balanced update
+    needs a group per layer: on a GPU, where every operation is a kernel launch, that host work
+    took longer than the kernels (resnet50: about 160 groups per step)."""
+
+    def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params = [p for g in groups for p in g["params"]]
+        self.lrs = [g["lr"] for g in groups for _ in g["params"]]
+        self.betas, self.eps = betas, eps
+        self.steps = [0] * len(self.params)  # per parameter, as torch counts: steps it had a grad
+        self.moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        for i in live:
+            self.steps[i] += 1
+            if i not in self.moments:
+                p = self.params[i]
+                self.moments[i] = (torch.zeros_like(p, memory_format=torch.preserve_format),
+                                   torch.zeros_like(p, memory_format=torch.preserve_format))
+        beta1, beta2 = self.betas
+        params = [self.params[i] for i in live]
+        grads = [p.grad for p in params]
+        firsts = [self.moments[i][0] for i in live]
+        seconds = [self.moments[i][1] for i in live]
+        torch._foreach_lerp_(firsts, grads, 1 - beta1)
+        torch._foreach_mul_(seconds, beta2)
+        torch._foreach_addcmul_(seconds, grads, grads, 1 - beta2)
+        denominators = torch._foreach_sqrt(seconds)
+        torch._foreach_div_(denominators, [(1 - beta2 ** self.steps[i]) ** 0.5 for i in live])
+        torch._foreach_add_(denominators, self.eps)
+        torch._foreach_addcdiv_(params, firsts, denominators,
+                                [-(self.lrs[i] / (1 - beta1 ** self.steps[i])) for i in live])
 
 
 def _set_modes(model: nn.Module, train_bn: bool) -> None:

@@ -23,7 +23,8 @@ the most self time (on the GPU where it runs there) to ``recipes/results/bench_p
 ``--ops`` counts the tensor operations (views apart) of one pipeline run and of its floor instead,
 in total and per kind, into ``recipes/results/bench_prune_ops.md``. On a GPU each is a kernel
 launch with a fixed cost, so when the activations are small the count, not the arithmetic, sets
-the pace; it is measured on any machine (on a CPU, whose optimiser and loss differ slightly):
+the pace; it is measured on any machine (on a CPU the loss runs per layer, where an
+accelerator defers most of it to all layers at once):
 
     python recipes/bench_prune.py --model resnet50 --size 32 --samples 64 --batch 4 \
         --phase1-passes 4 --phase2-passes 4 --ops
@@ -177,8 +178,8 @@ def count_ops(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.
     text = out.read_text() if out.exists() else (
         "# Operations of the psp pipeline vs its floor\n\nEach is a kernel launch on a GPU (views "
         "apart), where small activations leave the launches, not the arithmetic, setting the pace. "
-        "Counted on the machine named, whose optimiser and loss implementations may differ from a "
-        "GPU's.\n")
+        "Counted on the machine named: a CPU computes the loss per layer, where a GPU defers "
+        "most of it to all layers at once.\n")
     out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, commit {_commit()}, "
                    f"{_machine(device)})\n\n" + "\n".join(rows) + "\n")
 
@@ -241,7 +242,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_prune.md"
     text = out.read_text() if out.exists() else "# psp pipeline vs the compute floor (medians)\n"
-    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, {_machine(device)})\n\n"
+    out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {args.runs} runs, commit {_commit()}, "
+                   f"{_machine(device)})\n\n"
                    + "\n".join(rows_md) + "\n")
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import ptsp
 from ptsp.groups import build_groups
-from ptsp.reconstruction import (_CHUNK, Reconstruction, _cache_bytes, _Hooks,
+from ptsp.reconstruction import (_CHUNK, Reconstruction, _Adam, _cache_bytes, _Hooks,
                                  _modified_in_place, _norm, _param_groups, _pieces,
                                  _RelativeError, _remix, _selections, _Target, doomed_masks, join_single_images,
                                  layer_names, phase1, reestimate_bn)
@@ -189,6 +189,33 @@ def test_loss_survives_in_place_ops_and_matches_the_formula():
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("select", [False, True])
+@pytest.mark.parametrize("amp", [False, True])
+def test_deferred_loss_is_the_per_layer_loss(select, amp):
+    """An accelerator's loss (each layer's difference in the forward, the rest for all layers at
+    once, the gradient back-propagated from the layer outputs) gives the per-layer loss and
+    gradient, with outputs modified in place, selected channels and bfloat16 autocast alike (run
+    here on the CPU, where it is not the default)."""
+    teacher, student = _teacher_and_student()
+    x = torch.randn(3, 2, 5, 5)
+    targets = {n: _Target() for n in ("conv", "bn", "conv2")}
+    if select:
+        targets["bn"] = _Target(teacher_out=(1, torch.tensor([0, 2])), student_out=(1, torch.tensor([0, 2])))
+    results = []
+    for deferred in (False, True):
+        with _Hooks(student, teacher, targets, feed=False, example=x[:1]) as hooks:
+            hooks.deferred = deferred
+            with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                loss = hooks.loss(x)
+            hooks.backward(loss)
+        results.append((loss.item(), [p.grad.clone() for p in student.parameters()]))
+        student.zero_grad(set_to_none=True)
+    (want, want_grads), (got, got_grads) = results
+    assert got == pytest.approx(want, rel=1e-5) and want > 0
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
 def test_loss_is_the_formula_for_every_batch_size_in_reused_buffers():
     """The teacher's outputs go into buffers reused from step to step; a smaller batch uses
     their front, and each step's loss is still the formula's."""
@@ -311,6 +338,26 @@ def test_balanced_rates_follow_execution_order():
     assert reg[id(model.head.weight)] == pytest.approx(1e-3 / 2)
     flat = _param_groups(model, x, 1e-3, False, "execution")
     assert {g["lr"] for g in flat} == {1e-3}
+
+
+def test_adam_with_a_rate_per_parameter_is_torchs_adam_over_groups():
+    """One multi-tensor step for all parameters gives torch's Adam over one group per rate, bit
+    for bit, parameters that miss a gradient in some steps included."""
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(5, 3)) for _ in range(4)]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    rates = [1e-3, 3e-3, 1e-2, 5e-4]
+    a = _Adam([{"params": [p], "lr": r} for p, r in zip(ours, rates)])
+    b = torch.optim.Adam([{"params": [p], "lr": r} for p, r in zip(theirs, rates)])
+    for step in range(12):
+        for k, (p, q) in enumerate(zip(ours, theirs)):
+            g = torch.randn(5, 3) if (step + k) % 3 else None
+            p.grad, q.grad = g, None if g is None else g.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    a.zero_grad()
+    assert all(p.grad is None for p in ours)
 
 
 def test_reestimate_bn_gives_exact_statistics():
