@@ -440,7 +440,7 @@ class _Hooks:
         """The summed relative errors of the deferred layers, and their differences scaled into
         the gradients: a handful of multi-tensor operations for all layers together."""
         norms = torch.stack([n for n, _ in self.norms])
-        errors = torch.stack(torch._foreach_norm(self.diffs)).square_()
+        errors = torch.stack(torch._foreach_norm(self.diffs, dtype=torch.float32)).square_()
         torch._foreach_mul_(self.diffs, [scale for _, scale in self.norms])
         return errors.div_(norms).sum()
 
@@ -548,14 +548,15 @@ class _Hooks:
 
     def _defer(self, name: str, out: torch.Tensor, picked: torch.Tensor, ref: torch.Tensor,
                norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-        """An accelerator's term: only the float32 difference now, the rest for all layers at
-        once after the forward (:meth:`_deferred_loss`), and the gradient back-propagated from the
-        layer outputs themselves, with no autograd function per layer: there each operation is a
-        kernel launch, and the host time of the per-layer work outlasted the kernels (resnet50 on
-        a GPU: about 340 µs per layer and step, the bare passes about 40 ms a step). An output
-        the forward later modifies in place stays the root, and the forward goes on with a copy."""
-        owned = id(ref) in self.owned and ref.dtype == torch.float32
-        diff = (ref if owned else ref.to(torch.float32, copy=True)).sub_(picked.detach())
+        """An accelerator's term: only the difference now (in the activations' precision, as the
+        gradient is), the rest for all layers at once after the forward (:meth:`_deferred_loss`,
+        which sums the squares in float32), and the gradient back-propagated from the layer
+        outputs themselves, with no autograd function per layer: there each operation is a kernel
+        launch, and the host time of the per-layer work outlasted the kernels (resnet50 on a GPU:
+        about 340 µs per layer and step, the bare passes about 40 ms a step). An output the
+        forward later modifies in place stays the root, and the forward goes on with a copy."""
+        value = picked.detach()
+        diff = ref.sub_(value) if id(ref) in self.owned else ref - value
         self.roots.append(picked)
         self.diffs.append(diff)
         self.norms.append(norm)

@@ -211,9 +211,11 @@ def test_deferred_loss_is_the_per_layer_loss(select, amp):
         results.append((loss.item(), [p.grad.clone() for p in student.parameters()]))
         student.zero_grad(set_to_none=True)
     (want, want_grads), (got, got_grads) = results
-    assert got == pytest.approx(want, rel=1e-5) and want > 0
+    # under autocast the deferred differences are bfloat16, as the gradients are in both
+    tolerance = 1e-3 if amp else 1e-5
+    assert got == pytest.approx(want, rel=tolerance) and want > 0
     for g, w in zip(got_grads, want_grads):
-        assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
+        assert (g - w).abs().max() <= 10 * tolerance * w.abs().max(), (g - w).abs().max() / w.abs().max()
 
 
 def test_loss_is_the_formula_for_every_batch_size_in_reused_buffers():
