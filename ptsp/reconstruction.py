@@ -367,8 +367,8 @@ class _Hooks:
         self.outputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.inputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.terms: list[torch.Tensor] = []
-        # an accelerator's deferred terms: each layer's output, its float32 difference from the
-        # teacher's and its divisor and gradient factor (see ``_defer``)
+        # an accelerator's deferred terms: each layer's output, its difference from the teacher's
+        # and its divisor and gradient factor (see ``_defer``)
         self.deferred = device_of(student).type != "cpu"
         self.roots: list[torch.Tensor] = []
         self.diffs: list[torch.Tensor] = []
@@ -779,7 +779,8 @@ class _Adam:
     with a learning rate per parameter, stepping all of them with seven multi-tensor operations.
     torch's Adam steps its parameter groups one at a time in Python, and the balanced update
     needs a group per layer: on a GPU, where every operation is a kernel launch, that host work
-    took longer than the kernels (resnet50: about 160 groups per step)."""
+    took longer than the kernels (resnet50's 107 groups on an H200: 3.5 ms a step, 1.3 ms
+    here)."""
 
     def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
