@@ -10,7 +10,7 @@ the markdown table and the accuracy-vs-FLOPs plot are rewritten from the CSV.
     python recipes/reference.py && python recipes/accuracy.py
     python recipes/accuracy.py --models resnet18 --levels 0.5 --methods psp bn
     accelerate launch --mixed_precision bf16 recipes/accuracy.py --models resnet18 --levels 0.5 \
-        --reference-epochs 8 --cache DIR --results recipes/results/resnet18-8ep   # longer-trained references
+        --reference-epochs 8 --cache DIR --results recipes/results/trained   # longer-trained references
 
 With ``--cache``, the reference models are read from (and, missing, trained with ``--reference-epochs``
 into) ``DIR/reference`` instead of ``recipes/.cache/reference``, their training recorded in the results
@@ -107,11 +107,8 @@ def write_report(results: Path = RESULTS) -> None:
         return
     # rows written before the calibration set size was recorded used the default, 512
     samples = " or ".join(sorted({r.get("samples") or "512" for r in rows if r["method"] != "magnitude"}))
-    command = COMMAND
-    if results.resolve() != RESULTS:
-        command = (f"python recipes/accuracy.py --cache DIR --results "
-                   f"{os.path.relpath(results.resolve(), RESULTS.parents[1])}")
     models = list(dict.fromkeys(r["model"] for r in rows))
+    command = COMMAND if results.resolve() == RESULTS else _study_command(results, models)
     levels = sorted({r["level"] for r in rows}, key=float)
     lines = ["# Accuracy without retraining (Fashion-MNIST reference models)", "",
              f"Regenerate: `{command}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
@@ -123,9 +120,11 @@ def write_report(results: Path = RESULTS) -> None:
              "on changes; the other rows keep the settings they ran with); params kept is psp's.", ""]
     trained = []
     for name in models:
-        epochs = reference.metadata(name).get("epochs")
-        if epochs:
-            trained.append(f"{name}: {epochs} epoch(s)")
+        meta = reference.metadata(name)
+        if meta.get("epochs"):
+            precision = meta.get("mixed_precision", "no")
+            trained.append(f"{name}: {meta['epochs']} epoch(s)"
+                           + (f" ({precision} mixed precision)" if precision != "no" else ""))
     if trained:
         lines += ["Reference training (`recipes/reference.py --epochs N`): " + ", ".join(trained)
                   + ". Seconds are wall time on a shared 2-core CPU, not always the same one: "
@@ -154,6 +153,21 @@ def write_report(results: Path = RESULTS) -> None:
                          + f" | {delta} | {plan} | {bn} | {lr} | {cap} | {kept} | {secs} |")
     (results / "accuracy.md").write_text("\n".join(lines) + "\n\n![accuracy vs FLOPs](accuracy.png)\n")
     _plot(rows, models, results / "accuracy.png")
+
+
+def _study_command(results: Path, models: list[str]) -> str:
+    """The commands that regenerate a study folder: one per reference training (epochs and
+    precision), as its models may have been trained differently."""
+    runs: dict[tuple[str, str], list[str]] = {}
+    for name in models:
+        meta = reference.metadata(name)
+        runs.setdefault((meta.get("epochs", "?"), meta.get("mixed_precision", "no")), []).append(name)
+    folder = os.path.relpath(results.resolve(), RESULTS.parents[1])
+    return "` then `".join(
+        (f"accelerate launch --mixed_precision {precision} " if precision != "no" else "python ")
+        + f"recipes/accuracy.py --models {' '.join(names)} --reference-epochs {epochs} "
+        f"--cache DIR --results {folder}"
+        for (epochs, precision), names in runs.items())
 
 
 def _plot(rows: list[dict], models: list[str], path: Path) -> None:

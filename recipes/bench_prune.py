@@ -126,9 +126,7 @@ def profile(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.Na
     seconds = time.perf_counter() - t0
     ops = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                     row_limit=25)
-    cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
-           f"{args.samples} --batch {args.batch} --phase1-passes {args.phase1_passes} --phase2-passes "
-           f"{args.phase2_passes} --device {args.device} --profile")
+    cmd = _command(args, "--profile")
     text = (f"# Where the psp pipeline's time goes\n\n`{cmd}` ({time.strftime('%Y-%m-%d')}, {_machine(device)}; "
             f"{seconds:.1f} s under the profiler)\n\n```\n{ops}\n```\n")
     print(text)
@@ -163,10 +161,7 @@ def count_ops(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.
         floor_seconds(model, pruned, ptsp.data.read_batches(calib), settings)
     total, bare = sum(pipeline.counts.values()), sum(floor.counts.values())
     extra = pipeline.counts - floor.counts
-    cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
-           f"{args.samples} --batch {args.batch} --phase1-passes {args.phase1_passes} --phase2-passes "
-           f"{args.phase2_passes}" + (f" --device {args.device}" if device.type != "cpu" else "")
-           + " --ops")
+    cmd = _command(args, "--ops")
     rows = ["| model | device | input | samples | passes (1+2) | pipeline ops | floor ops | ratio |"
             " most frequent beyond the floor |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -182,6 +177,17 @@ def count_ops(model: torch.nn.Module, calib: list[torch.Tensor], args: argparse.
         "most of it to all layers at once.\n")
     out.write_text(text + f"\n`{cmd}` ({time.strftime('%Y-%m-%d')}, commit {_commit()}, "
                    f"{_machine(device)})\n\n" + "\n".join(rows) + "\n")
+
+
+def _command(args: argparse.Namespace, *flags: str) -> str:
+    """The command line that measures the same thing again."""
+    return " ".join(
+        ["python recipes/bench_prune.py", f"--model {args.model} --size {args.size}",
+         f"--samples {args.samples} --batch {args.batch}",
+         f"--phase1-passes {args.phase1_passes} --phase2-passes {args.phase2_passes}"]
+        + ([f"--device {args.device}"] if args.device != "cpu" else [])
+        + ([f"--teacher-cache-gb {args.teacher_cache_gb:g}"] if args.teacher_cache_gb is not None else [])
+        + list(flags))
 
 
 def _commit() -> str:
@@ -201,6 +207,8 @@ def main() -> None:
     parser.add_argument("--phase1-passes", type=int, default=20)
     parser.add_argument("--phase2-passes", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--teacher-cache-gb", type=float,
+                        help="Reconstruction.teacher_cache_gb (default: its own; 0: no cache)")
     parser.add_argument("--profile", action="store_true", help="one profiled run instead (see above)")
     parser.add_argument("--ops", action="store_true", help="count operations instead (see above)")
     args = parser.parse_args()
@@ -211,7 +219,8 @@ def main() -> None:
     calib = ptsp.data.calibration_loader(images, args.samples, args.batch)
     batches = ptsp.data.read_batches(calib)
     settings = ptsp.Reconstruction(phase1_passes=args.phase1_passes,
-                                   phase2_passes=args.phase2_passes, progress=False)
+                                   phase2_passes=args.phase2_passes,
+                                   teacher_cache_gb=args.teacher_cache_gb, progress=False)
     if args.profile:
         return profile(model, calib, args, settings)
     if args.ops:
@@ -230,10 +239,7 @@ def main() -> None:
     pipe = statistics.median(r[0] for r in rows)
     floor = statistics.median(r[1] for r in rows)
     ratio = statistics.median(r[0] / r[1] for r in rows)
-    cmd = (f"python recipes/bench_prune.py --model {args.model} --size {args.size} --samples "
-           f"{args.samples} --batch {args.batch} --runs {args.runs} --phase1-passes "
-           f"{args.phase1_passes} --phase2-passes {args.phase2_passes}"
-           + (f" --device {args.device}" if device.type != "cpu" else ""))
+    cmd = _command(args, f"--runs {args.runs}")
     rows_md = ["| model | device | input | samples | passes (1+2) | pipeline s | floor s | ratio |",
                "|---|---|---|---|---|---|---|---|",
                f"| {args.model} | {device.type} | {args.size}×{args.size} | {args.samples} | {args.phase1_passes}+{args.phase2_passes} "
