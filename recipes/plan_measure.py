@@ -1,0 +1,54 @@
+"""How each candidate plan of ``importance="auto"`` looks to measures of its distortion.
+
+For one cached reference model and FLOPs level: each criterion's plan with BatchNorm re-estimated
+(``method="bn"``, the model ``auto`` compares), its top-1 on the test images, and on the 512
+calibration images its relative squared logit error (``auto``'s measure), KL divergence from the
+dense model's predictions, agreement with them and the ratio of its logits' mean norm to the dense
+model's: whether a measure can prefer a plan that re-estimates worse.
+
+    python recipes/plan_measure.py --model mobilenetv3_large_100 --level 0.3 --cache DIR
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import reference
+
+import ptsp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=list(reference.MODELS))
+    parser.add_argument("--level", type=float, default=0.5)
+    parser.add_argument("--cache", type=Path, help="folder of the reference models (DIR/reference)")
+    args = parser.parse_args()
+    if args.cache is not None:
+        reference.use_cache(args.cache)
+    model = reference.load(args.model)
+    test_x, test_y, train_x = reference.prepared(model)
+    calib = ptsp.data.calibration_loader(train_x, 512, 64, seed=0)
+    batches = ptsp.data.read_batches(calib)
+    with torch.no_grad():
+        dense = torch.cat([model(x) for x in batches]).float()
+    print(f"{args.model} at −{args.level:.0%} FLOPs")
+    print("| plan | test top-1 | relative error | KL | agreement | logit scale |\n|---|---|---|---|---|---|")
+    for criterion in ptsp.pruning.AUTO:
+        pruned = ptsp.prune(model, calib, args.level, method="bn", target="flops", importance=criterion,
+                            reconstruction=ptsp.Reconstruction(progress=False))
+        with torch.no_grad():
+            out = torch.cat([pruned(x) for x in batches]).float()
+        error = (out - dense).pow(2).sum() / dense.pow(2).sum()
+        kl = F.kl_div(out.log_softmax(1), dense.log_softmax(1), log_target=True, reduction="batchmean")
+        agree = reference.percent(out.argmax(1) == dense.argmax(1))
+        scale = out.norm(dim=1).mean() / dense.norm(dim=1).mean()
+        print(f"| {criterion} | {reference.evaluate(pruned, test_x, test_y):.2f} | {error:.3f} | "
+              f"{kl:.3f} | {agree:.1f}% | {scale:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
