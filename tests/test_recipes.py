@@ -304,10 +304,13 @@ def test_the_operation_count_leaves_views_out_and_compares_with_the_floor(tmp_pa
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
     args = argparse.Namespace(model="tiny", size=10, samples=16, batch=8, ratio=0.5,
-                              phase1_passes=1, phase2_passes=1, device="cpu")
-    settings = ptsp.Reconstruction(phase1_passes=1, phase2_passes=1, progress=False)
+                              phase1_passes=1, phase2_passes=1, device="cpu", teacher_cache_gb=0.0)
+    settings = ptsp.Reconstruction(phase1_passes=1, phase2_passes=1, teacher_cache_gb=0, progress=False)
     bench_prune.count_ops(model, list(torch.randn(16, 3, 10, 10).split(8)), args, settings)
-    row = (tmp_path / "bench_prune_ops.md").read_text().splitlines()[-1].split(" | ")
+    text = (tmp_path / "bench_prune_ops.md").read_text()
+    assert ("`python recipes/bench_prune.py --model tiny --size 10 --samples 16 --batch 8 "
+            "--phase1-passes 1 --phase2-passes 1 --teacher-cache-gb 0 --ops`") in text
+    row = text.splitlines()[-1].split(" | ")
     pipeline, floor = int(row[5]), int(row[6])
     assert pipeline > floor > 0 and float(row[7]) == pytest.approx(pipeline / floor, abs=0.01)
 
