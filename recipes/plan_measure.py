@@ -4,13 +4,15 @@ For one cached reference model and FLOPs level: each criterion's plan with Batch
 (``method="bn"``, the model ``auto`` compares), its top-1 on the test images, and on the 512
 calibration images its relative squared logit error (``auto``'s measure), KL divergence from the
 dense model's predictions, agreement with them and the ratio of its logits' mean norm to the dense
-model's: whether a measure can prefer a plan that re-estimates worse.
+model's: whether a measure can prefer a plan that re-estimates worse. Each run appends its table
+to ``recipes/results/plan_measure.md`` with the command that produced it.
 
     python recipes/plan_measure.py --model mobilenetv3_large_100 --level 0.3 --cache DIR
 """
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 import reference
 
 import ptsp
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -35,8 +39,8 @@ def main() -> None:
     batches = ptsp.data.read_batches(calib)
     with torch.no_grad():
         dense = torch.cat([model(x) for x in batches]).float()
-    print(f"{args.model} at −{args.level:.0%} FLOPs")
-    print("| plan | test top-1 | relative error | KL | agreement | logit scale |\n|---|---|---|---|---|---|")
+    dense_top1 = reference.evaluate(model, test_x, test_y)
+    rows = ["| plan | test top-1 | relative error | KL | agreement | logit scale |", "|---|---|---|---|---|---|"]
     for criterion in ptsp.pruning.AUTO:
         pruned = ptsp.prune(model, calib, args.level, method="bn", target="flops", importance=criterion,
                             reconstruction=ptsp.Reconstruction(progress=False))
@@ -46,9 +50,17 @@ def main() -> None:
         kl = F.kl_div(out.log_softmax(1), dense.log_softmax(1), log_target=True, reduction="batchmean")
         agree = reference.percent(out.argmax(1) == dense.argmax(1))
         scale = out.norm(dim=1).mean() / dense.norm(dim=1).mean()
-        print(f"| {criterion} | {reference.evaluate(pruned, test_x, test_y):.2f} | {error:.3f} | "
-              f"{kl:.3f} | {agree:.1f}% | {scale:.2f} |", flush=True)
-
+        rows.append(f"| {criterion} | {reference.evaluate(pruned, test_x, test_y):.2f} | {error:.3f} | "
+                    f"{kl:.3f} | {agree:.1f}% | {scale:.2f} |")
+        print(rows[-1], flush=True)
+    out_md = RESULTS / "plan_measure.md"
+    text = out_md.read_text() if out_md.exists() else (
+        "# The candidate plans of importance=\"auto\" under several distortion measures\n\n"
+        "Each plan with BatchNorm re-estimated (method=\"bn\"); the measures on the 512 calibration "
+        "images against the dense model (relative error is auto's).\n")
+    cmd = f"python recipes/plan_measure.py --model {args.model} --level {args.level:g} --cache DIR"
+    out_md.write_text(text + f"\n## {args.model} at −{args.level:.0%} FLOPs (dense {dense_top1:.2f})\n\n"
+                      f"`{cmd}` ({time.strftime('%Y-%m-%d')})\n\n" + "\n".join(rows) + "\n")
 
 if __name__ == "__main__":
     main()
