@@ -26,7 +26,7 @@ from .surgery import Kept, apply, compose, kept_indices
 #: methods that need calibration data (post-training reconstruction)
 DATA_METHODS = ("bn", "layerwise", "global", "psp")
 METHODS = ("magnitude",) + DATA_METHODS
-#: the criteria ``importance="auto"`` plans with, keeping the plan that distorts the output least
+#: the criteria ``importance="auto"`` plans with, keeping the plan that distorts the logits least (up to scale)
 AUTO = ("l2", "taylor")
 PLAN_ATTR = "_ptsp_plan"
 
@@ -58,8 +58,9 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
             (AdaPrune), "bn" (BatchNorm re-estimation only) or "magnitude" (data-free).
         importance: channel criterion, one of :data:`ptsp.importance.IMPORTANCE`, or "auto" (the
             default of the calibrated methods): plan with each of :data:`AUTO` and keep the plan
-            whose pruned model, BatchNorm re-estimated, matches the original's outputs best on the
-            calibration images. "magnitude" defaults to "l2" (PSP's).
+            whose pruned model, BatchNorm re-estimated, matches the original's logits best up to
+            scale on the calibration images (:func:`scale_free_error`). "magnitude" defaults to
+            "l2" (PSP's).
         reconstruction: settings of the calibrated methods (:class:`Reconstruction`).
         example_inputs: input used to trace the model; defaults to the first calibration image,
             or one random image of the timm data config's size.
@@ -199,12 +200,12 @@ def _gives_logits(model: nn.Module, batches: list[torch.Tensor]) -> bool:
 
 def _distortions(model: nn.Module, groups: Groups, batches: list[torch.Tensor],
                  removals: dict[str, np.ndarray]) -> dict[str, float]:
-    """For each candidate removal: the relative squared error of the logits of ``model`` with
-    those channels zeroed (the function of the pruned model) and its BatchNorms re-estimated,
-    against ``model``'s own, over the calibration batches."""
+    """For each candidate removal: the scale-free error (:func:`scale_free_error`) of the logits of
+    ``model`` with those channels zeroed (the function of the pruned model) and its BatchNorms
+    re-estimated, against ``model``'s own, over the calibration batches."""
     device = device_of(model)
     with torch.no_grad(), eval_mode(model):
-        reference = [model(x.to(device)).float() for x in batches]
+        reference = torch.cat([model(x.to(device)).float() for x in batches])
     out = {}
     for name, removed in removals.items():
         masked = copy.deepcopy(model)
@@ -212,9 +213,16 @@ def _distortions(model: nn.Module, groups: Groups, batches: list[torch.Tensor],
             for p, doomed in doomed_masks(masked, groups, removed):
                 p[doomed] = 0
             reestimate_bn(masked, batches)
-            err = sum((masked(x.to(device)).float() - y).pow(2).sum() for x, y in zip(batches, reference))
-        out[name] = float(err / sum(y.pow(2).sum() for y in reference))
+            out[name] = scale_free_error(torch.cat([masked(x.to(device)).float() for x in batches]), reference)
     return out
+
+
+def scale_free_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """The relative squared error of ``out`` against ``reference`` after the best non-negative
+    rescaling of ``out``, 1 − cos²: a plan whose logits are only scaled up or down keeps the
+    dense model's predictions, and the reconstruction restores a scale at once."""
+    dot = (out * reference).sum().clamp(min=0)
+    return float(1 - dot * dot / (out.pow(2).sum() * reference.pow(2).sum()).clamp(min=1e-30))
 
 
 def record(model: nn.Module, pruned: nn.Module, groups: Groups, removed: np.ndarray, kept: Kept,

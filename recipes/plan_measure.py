@@ -1,13 +1,16 @@
 """How each candidate plan of ``importance="auto"`` looks to measures of its distortion.
 
-For one cached reference model and FLOPs level: each criterion's plan with BatchNorm re-estimated
-(``method="bn"``, the model ``auto`` compares), its top-1 on the test images, and on the 512
-calibration images its relative squared logit error (``auto``'s measure), KL divergence from the
-dense model's predictions, agreement with them and the ratio of its logits' mean norm to the dense
-model's: whether a measure can prefer a plan that re-estimates worse. Each run appends its table
-to ``recipes/results/plan_measure.md`` with the command that produced it.
+For one cached reference model and each FLOPs level: each criterion's plan with BatchNorm
+re-estimated (``method="bn"``, the model ``auto`` compares), its top-1 on the test images, and on the
+512 calibration images its relative squared logit error, the same error after the best
+non-negative rescaling of the logits (scale-free), KL divergence from the dense model's
+predictions, agreement with them and the ratio of its logits' mean norm to the dense model's:
+whether a measure can prefer a plan that re-estimates worse. With ``--psp``, also the top-1 of
+``method="psp"`` planned with each criterion: which plan is better once reconstructed, what
+``auto`` should pick. Each run appends its table to ``recipes/results/plan_measure.md`` with the
+command that produced it.
 
-    python recipes/plan_measure.py --model mobilenetv3_large_100 --level 0.3 --cache DIR
+    python recipes/plan_measure.py --model mobilenetv3_large_100 --levels 0.3 0.5 0.7 --psp --cache DIR
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=list(reference.MODELS))
-    parser.add_argument("--level", type=float, default=0.5)
+    parser.add_argument("--levels", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--psp", action="store_true", help="also prune with method='psp' from each plan")
     parser.add_argument("--cache", type=Path, help="folder of the reference models (DIR/reference)")
     args = parser.parse_args()
     if args.cache is not None:
@@ -40,27 +44,37 @@ def main() -> None:
     with torch.no_grad():
         dense = torch.cat([model(x) for x in batches]).float()
     dense_top1 = reference.evaluate(model, test_x, test_y)
-    rows = ["| plan | test top-1 | relative error | KL | agreement | logit scale |", "|---|---|---|---|---|---|"]
-    for criterion in ptsp.pruning.AUTO:
-        pruned = ptsp.prune(model, calib, args.level, method="bn", target="flops", importance=criterion,
-                            reconstruction=ptsp.Reconstruction(progress=False))
-        with torch.no_grad():
-            out = torch.cat([pruned(x) for x in batches]).float()
-        error = (out - dense).pow(2).sum() / dense.pow(2).sum()
-        kl = F.kl_div(out.log_softmax(1), dense.log_softmax(1), log_target=True, reduction="batchmean")
-        agree = reference.percent(out.argmax(1) == dense.argmax(1))
-        scale = out.norm(dim=1).mean() / dense.norm(dim=1).mean()
-        rows.append(f"| {criterion} | {reference.evaluate(pruned, test_x, test_y):.2f} | {error:.3f} | "
-                    f"{kl:.3f} | {agree:.1f}% | {scale:.2f} |")
-        print(rows[-1], flush=True)
+    rows = ["| level | plan | test top-1 | psp top-1 | relative error | scale-free error | KL | agreement "
+            "| logit scale |", "|---|---|---|---|---|---|---|---|---|"]
+    quiet = ptsp.Reconstruction(progress=False)
+    for level in args.levels:
+        for criterion in ptsp.pruning.AUTO:
+            pruned = ptsp.prune(model, calib, level, method="bn", target="flops", importance=criterion,
+                                reconstruction=quiet)
+            with torch.no_grad():
+                out = torch.cat([pruned(x) for x in batches]).float()
+            error = (out - dense).pow(2).sum() / dense.pow(2).sum()
+            kl = F.kl_div(out.log_softmax(1), dense.log_softmax(1), log_target=True, reduction="batchmean")
+            agree = reference.percent(out.argmax(1) == dense.argmax(1))
+            scale = out.norm(dim=1).mean() / dense.norm(dim=1).mean()
+            psp = "–"
+            if args.psp:
+                psp = f"{reference.evaluate(ptsp.prune(model, calib, level, target='flops', importance=criterion, reconstruction=quiet), test_x, test_y):.2f}"
+            rows.append(f"| −{level:.0%} | {criterion} | {reference.evaluate(pruned, test_x, test_y):.2f} | "
+                        f"{psp} | {error:.3f} | {ptsp.pruning.scale_free_error(out, dense):.3f} | {kl:.3f} | "
+                        f"{agree:.1f}% | {scale:.2f} |")
+            print(rows[-1], flush=True)
     out_md = RESULTS / "plan_measure.md"
     text = out_md.read_text() if out_md.exists() else (
         "# The candidate plans of importance=\"auto\" under several distortion measures\n\n"
         "Each plan with BatchNorm re-estimated (method=\"bn\"); the measures on the 512 calibration "
-        "images against the dense model (relative error is auto's).\n")
-    cmd = f"python recipes/plan_measure.py --model {args.model} --level {args.level:g} --cache DIR"
-    out_md.write_text(text + f"\n## {args.model} at −{args.level:.0%} FLOPs (dense {dense_top1:.2f})\n\n"
+        "images against the dense model.\n")
+    levels = " ".join(f"{level:g}" for level in args.levels)
+    cmd = (f"python recipes/plan_measure.py --model {args.model} --levels {levels}"
+           f"{' --psp' if args.psp else ''} --cache DIR")
+    out_md.write_text(text + f"\n## {args.model} (dense {dense_top1:.2f})\n\n"
                       f"`{cmd}` ({time.strftime('%Y-%m-%d')})\n\n" + "\n".join(rows) + "\n")
+
 
 if __name__ == "__main__":
     main()

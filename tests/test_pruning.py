@@ -91,8 +91,21 @@ def test_plan_of_unpruned(resnet):
         ptsp.plan_of(resnet)
 
 
+def test_scale_free_error_ignores_the_logits_scale_only():
+    """A plan that only rescales the logits keeps every prediction: error 0 at any positive scale;
+    anti-correlated logits are as far as they can be (no negative rescaling)."""
+    torch.manual_seed(0)
+    dense = torch.randn(64, 10)
+    noisy = dense + 0.5 * torch.randn(64, 10)
+    error = ptsp.pruning.scale_free_error
+    assert error(5.3 * dense, dense) == pytest.approx(0, abs=1e-6)
+    assert error(0.2 * noisy, dense) == pytest.approx(error(noisy, dense), abs=1e-6)
+    assert 0 < error(noisy, dense) < error(dense + 2 * torch.randn(64, 10), dense) < 1
+    assert error(-dense, dense) == 1
+
+
 def test_auto_importance_keeps_the_least_distorting_plan():
-    """importance="auto" plans with l2 and taylor and keeps the plan with the smaller logit
+    """importance="auto" plans with l2 and taylor and keeps the plan with the smaller scale-free
     error; a model without logits (here: feature maps) can only be planned by magnitude."""
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=10).eval()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -394,6 +395,30 @@ def test_accuracy_measures_again_the_rows_of_another_calibration_set_size(tmp_pa
     done = accuracy._keep_rows_of(csv, "m", "93.00", {(m, "0.5") for m in accuracy.METHODS}, 2048)
     assert done == {("m", "psp", "0.5"), ("m", "magnitude", "0.5")}
     assert {r["method"] for r in table.rows(csv)} == {"psp", "magnitude"}
+
+
+def test_accuracy_measures_again_the_rows_planned_otherwise_than_auto_today(tmp_path):
+    """A calibrated row whose plan is not the one importance="auto" chooses today is dropped to be
+    measured again; rows planned as today's, of another level and data-free magnitude are kept."""
+    import accuracy
+    import table
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10).eval()
+    calib = [torch.randn(16, 3, 32, 32)]
+    choice = ptsp.plan_of(ptsp.prune(model, calib, 0.5, method="bn", target="flops",
+                                     reconstruction=ptsp.Reconstruction(progress=False)))["importance"]
+    other = next(c for c in ptsp.pruning.AUTO if c != choice)
+    csv = tmp_path / "accuracy.csv"
+    rows = [("psp", "0.5", choice), ("global", "0.5", other), ("bn", "0.5", other), ("psp", "0.3", other),
+            ("magnitude", "0.5", "l2")]
+    for method, level, importance in rows:
+        table.append(csv, accuracy.FIELDS, {"model": "m", "method": method, "level": level, "top1": "90.00",
+                                            "dense_top1": "93.00", "importance": importance})
+    done = {("m", method, level) for method, level, _ in rows}
+    assert accuracy._replanned(csv, model, calib, "m", "0.5", done) == {("m", "global", "0.5"), ("m", "bn", "0.5")}
+    assert {(r["method"], r["level"]) for r in table.rows(csv)} == {("psp", "0.5"), ("psp", "0.3"), ("magnitude", "0.5")}
+    assert accuracy._replanned(csv, model, calib, "m", "0.7", done) == set()
 
 
 def test_train_on_a_datasets_folder(tmp_path):
