@@ -2,6 +2,7 @@
 
     python recipes/noise.py                                   # resnet18, 50% fewer FLOPs, seeds 0–2
     python recipes/noise.py --models resnet10t --seeds 0 1 2 3 4
+    python recipes/noise.py --models resnet18 --cache DIR --results recipes/results/trained  # longer-trained
 
 The accuracy table (``recipes/accuracy.py``) calibrates every method on one draw of 512 training
 images; gaps of a few tenths of a point between methods may be that draw. Here each calibrated
@@ -9,12 +10,15 @@ method prunes the reference model once per calibration seed (512 unlabeled train
 with it), and the report gives each method's top-1 per seed, mean and standard deviation, its
 agreement with the dense model's test predictions (the function the reconstruction restores), and
 psp's paired gap to each method (same seed, same images): a gap of one sign at every seed is the
-method, not the draw. Rows are appended to ``recipes/results/noise.csv`` (re-running resumes);
-``noise.md`` is rewritten from it.
+method, not the draw. Rows are appended to ``noise.csv`` in the results folder (``recipes/results``
+unless ``--results``; re-running resumes); ``noise.md`` is rewritten from it. With ``--cache`` the
+reference models are read from ``DIR/reference`` (the longer-trained ones of ``recipes/accuracy.py
+--cache DIR``), whose seed-0 rows are that table's rows.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,17 +31,18 @@ import table
 import ptsp
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CSV = RESULTS / "noise.csv"
 FIELDS = ["model", "level", "method", "seed", "top1", "agree", "dense_top1", "seconds", "defaults"]
 METHODS = ("bn", "layerwise", "global", "psp")
 #: the defaults every row ran with (a row with others is another experiment: it keeps its own table)
 DEFAULTS = table.defaults_line()
 
 
-def run(models: list[str], level: float, seeds: list[int], methods: list[str]) -> None:
+def run(models: list[str], level: float, seeds: list[int], methods: list[str], results: Path,
+        command: str) -> None:
+    csv = results / "noise.csv"
     done = {(r["model"], r["level"], r["method"], r["seed"], r["dense_top1"], r["defaults"])
-            for r in table.rows(CSV)}
-    RESULTS.mkdir(exist_ok=True)
+            for r in table.rows(csv)}
+    results.mkdir(parents=True, exist_ok=True)
     for name in models:
         model = reference.load(name)
         test_x, test_labels, train_x = reference.prepared(model)
@@ -58,14 +63,14 @@ def run(models: list[str], level: float, seeds: list[int], methods: list[str]) -
                        "agree": f"{reference.percent(pred == teacher):.2f}", "dense_top1": dense, "seconds": f"{seconds:.0f}",
                        "defaults": DEFAULTS}
                 print(row, flush=True)
-                table.append(CSV, FIELDS, row)
-    write_report()
+                table.append(csv, FIELDS, row)
+    write_report(results, command)
 
 
-def write_report() -> None:
-    rows = table.rows(CSV)
+def write_report(results: Path, command: str) -> None:
+    rows = table.rows(results / "noise.csv")
     lines = ["# Calibration-draw noise (Fashion-MNIST reference models)", "",
-             "Regenerate: `python recipes/noise.py` (CPU). Top-1 (%) on the 10k test images of each "
+             f"Regenerate: `{command}` (CPU; `--models M --methods ...` for each table). Top-1 (%) on the 10k test images of each "
              "calibrated method, once per calibration seed (512 unlabeled training images drawn with "
              "it); agree: the share of test images on which the pruned model predicts what the dense "
              "model does (mean over seeds). psp − method: psp's paired gap at each seed (same "
@@ -97,7 +102,7 @@ def write_report() -> None:
                 + (" ".join(f"{d:+.2f}" for d in paired) or "–") + " | "
                 + (f"{statistics.mean(paired):+.2f}" if paired else "–") + " |")
         lines.append("")
-    (RESULTS / "noise.md").write_text("\n".join(lines))
+    (results / "noise.md").write_text("\n".join(lines))
 
 
 def main() -> None:
@@ -106,9 +111,15 @@ def main() -> None:
     ap.add_argument("--level", type=float, default=0.5, help="fraction of FLOPs removed")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration draws")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of noise.csv/.md")
+    ap.add_argument("--cache", type=Path, help="folder of the reference models (DIR/reference)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    run(args.models, args.level, args.seeds, args.methods)
+    command = "python recipes/noise.py"
+    if args.cache is not None:
+        reference.use_cache(args.cache)
+        command += f" --cache DIR --results {os.path.relpath(args.results.resolve(), RESULTS.parents[1])}"
+    run(args.models, args.level, args.seeds, args.methods, args.results, command)
 
 
 if __name__ == "__main__":

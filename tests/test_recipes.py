@@ -316,19 +316,18 @@ def test_the_operation_count_leaves_views_out_and_compares_with_the_floor(tmp_pa
     assert pipeline > floor > 0 and float(row[7]) == pytest.approx(pipeline / floor, abs=0.01)
 
 
-def test_the_noise_report_pairs_psp_with_each_method_by_seed(tmp_path, monkeypatch):
+def test_the_noise_report_pairs_psp_with_each_method_by_seed(tmp_path):
     import noise
     import table
 
-    monkeypatch.setattr(noise, "RESULTS", tmp_path)
-    monkeypatch.setattr(noise, "CSV", tmp_path / "noise.csv")
     for method, top1 in (("psp", ("88.50", "88.20")), ("global", ("88.70", "88.10"))):
         for seed, value in enumerate(top1):
-            table.append(noise.CSV, noise.FIELDS, {
+            table.append(tmp_path / "noise.csv", noise.FIELDS, {
                 "model": "m", "level": "0.5", "method": method, "seed": str(seed), "top1": value,
                 "agree": "98.00", "dense_top1": "89.00", "seconds": "1", "defaults": "d"})
-    noise.write_report()
+    noise.write_report(tmp_path, "python recipes/noise.py --cache DIR --results elsewhere")
     lines = (tmp_path / "noise.md").read_text().splitlines()
+    assert "`python recipes/noise.py --cache DIR --results elsewhere`" in lines[2]
     assert "| global | 88.70 | 88.10 | 88.40 | 0.42 | 98.00 | -0.20 +0.10 | -0.05 |" in lines
     assert "| psp | 88.50 | 88.20 | 88.35 | 0.21 | 98.00 | – | – |" in lines
 
