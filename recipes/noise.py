@@ -118,7 +118,9 @@ def main() -> None:
     command = "python recipes/noise.py"
     if args.cache is not None:
         reference.use_cache(args.cache)
-        command += f" --cache DIR --results {os.path.relpath(args.results.resolve(), RESULTS.parents[1])}"
+        command += " --cache DIR"
+    if args.results.resolve() != RESULTS:
+        command += f" --results {os.path.relpath(args.results.resolve(), RESULTS.parents[1])}"
     run(args.models, args.level, args.seeds, args.methods, args.results, command)
 
 
