@@ -21,7 +21,7 @@ from .importance import DATA_IMPORTANCE, IMPORTANCE, scores
 from .reconstruction import (Reconstruction, device_of, doomed_masks, eval_mode, join_single_images,
                              phase1, phase2, reestimate_bn)
 from .selection import TARGETS, select
-from .surgery import Kept, apply, compose, kept_indices
+from .surgery import Kept, apply, compose, kept_indices, kept_statistics
 
 #: methods that need calibration data (post-training reconstruction)
 DATA_METHODS = ("bn", "layerwise", "global", "psp")
@@ -155,7 +155,9 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         teacher = copy.deepcopy(model).requires_grad_(False) if method != "bn" else None
         if method == "psp":
             student = copy.deepcopy(model)
-            with clock("phase1"):
+            norms = (kept_statistics(student, groups, removed) if settings.phase1_norms == "kept"
+                     else contextlib.nullcontext())
+            with clock("phase1"), norms:
                 masks = doomed_masks(student, groups, removed)
                 report["phase1"] = phase1(student, teacher, batches, kept, masks, settings,
                                           probe=pruned)

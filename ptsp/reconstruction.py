@@ -67,6 +67,12 @@ class Reconstruction:
         lmbda / lmbda_step: λ in pass j is ``lmbda + j·lmbda_step`` ("replace" and "l2").
         phase1_targets: "all" matches every channel in phase 1 (the code), pulling the doomed
             channels' outputs against the penalty; "kept" only the channels that survive.
+        phase1_norms: the statistics of layer, group and RMS norms over channels in phase 1:
+            "kept" takes them over the kept channels only, as the pruned model will (so a doomed
+            channel, shrinking or not, does not shift its neighbours' normalisation, and removal
+            changes no surviving norm's output); "all" over every channel, as the masked model of
+            the authors' code. BatchNorm normalises each channel apart, so CNNs without channel
+            norms give the same result either way.
         balance: where the balanced update ``lr/(L−k+1)`` applies: "phase2", "both" or "none".
         order: layer order k for the balanced update: "execution" (forward order) or
             "registration" (module definition order, the code's choice).
@@ -106,6 +112,7 @@ class Reconstruction:
     lmbda: float = 0.02
     lmbda_step: float = 0.02
     phase1_targets: str = "all"
+    phase1_norms: str = "all"
     balance: str = "phase2"
     order: str = "execution"
     bn: str = "train+reestimate"
@@ -117,6 +124,7 @@ class Reconstruction:
 
     def __post_init__(self) -> None:
         choices = {"penalty": ("l2", "replace", "fade"), "phase1_targets": ("kept", "all"),
+                   "phase1_norms": ("kept", "all"),
                    "balance": ("phase2", "both", "none"), "order": ("execution", "registration"),
                    "augment": ("none", "mixup", "cutmix"),
                    "bn": ("reestimate", "train", "train+reestimate", "none")}
@@ -147,8 +155,10 @@ class Reconstruction:
     @classmethod
     def authors(cls, **changes: Any) -> "Reconstruction":
         """The settings of the PSP authors' code (replace-gradient penalty, every channel as a
-        phase-1 target, registration order, BatchNorm in train mode, learning rate 1e-3)."""
-        return dataclasses.replace(cls(order="registration", bn="train", lr=1e-3), **changes)
+        phase-1 target, norms over every channel in phase 1, registration order, BatchNorm in train
+        mode, learning rate 1e-3)."""
+        return dataclasses.replace(cls(phase1_norms="all", order="registration", bn="train", lr=1e-3),
+                                   **changes)
 
 
 Select = tuple[int, torch.Tensor] | None | str

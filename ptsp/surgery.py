@@ -156,7 +156,9 @@ def broadcast_mask(mask: torch.Tensor, dims: tuple[int, ...], ndim: int) -> torc
 @contextlib.contextmanager
 def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> Iterator[None]:
     """Within this context, layer/group/RMS norms over channels of ``model`` take their statistics
-    over the kept channels only: what the pruned model's norms compute."""
+    over the kept channels only: what the pruned model's norms compute (the reference of the
+    surgery check, and phase 1's student under ``Reconstruction(phase1_norms="kept")``). The
+    statistics are taken in float32 and the result given in the input's precision."""
     ext = np.append(removed, False)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     keep: dict[int, torch.Tensor] = {}
@@ -172,33 +174,35 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
         k = keep.get(id(weight)) if weight is not None else None
         if k is None:
             return ln(x, shape, weight, bias, eps)
+        dtype = x.dtype
         dims = tuple(range(-len(shape), 0))
-        k = k.to(x.device, x.dtype)
+        x, k = x.float(), k.to(x.device, torch.float32)  # statistics in float32, as autocast's
         mean = (x * k).sum(dims, keepdim=True) / k.sum()
         var = ((x - mean) ** 2 * k).sum(dims, keepdim=True) / k.sum()
         y = (x - mean) / torch.sqrt(var + eps) * weight
-        return y + bias if bias is not None else y
+        return (y + bias if bias is not None else y).to(dtype)
 
     def rms_norm(x, shape, weight=None, eps=None):
         k = keep.get(id(weight)) if weight is not None else None
         if k is None:
             return rms(x, shape, weight, eps)
         dims = tuple(range(-len(shape), 0))
-        k = k.to(x.device, x.dtype)
-        eps = torch.finfo(x.dtype).eps if eps is None else eps
-        return x * torch.rsqrt((x * x * k).sum(dims, keepdim=True) / k.sum() + eps) * weight
+        dtype, x, k = x.dtype, x.float(), k.to(x.device, torch.float32)
+        eps = torch.finfo(dtype).eps if eps is None else eps
+        return (x * torch.rsqrt((x * x * k).sum(dims, keepdim=True) / k.sum() + eps) * weight).to(dtype)
 
     def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
         k = keep.get(id(weight)) if weight is not None and num_groups == 1 else None
         if k is None:
             return gn(x, num_groups, weight, bias, eps)
-        k = broadcast_mask(k.to(x.device, x.dtype), (1,), x.dim())
+        dtype, x = x.dtype, x.float()
+        k = broadcast_mask(k.to(x.device, torch.float32), (1,), x.dim())
         dims = tuple(range(1, x.dim()))
         n = k.sum() * x[0, 0].numel()
         mean = (x * k).sum(dims, keepdim=True) / n
         var = ((x - mean) ** 2 * k).sum(dims, keepdim=True) / n
         y = (x - mean) / torch.sqrt(var + eps) * broadcast_mask(weight, (1,), x.dim())
-        return y + broadcast_mask(bias, (1,), x.dim()) if bias is not None else y
+        return (y + broadcast_mask(bias, (1,), x.dim()) if bias is not None else y).to(dtype)
 
     F.layer_norm, F.group_norm = layer_norm, group_norm
     if rms is not None:

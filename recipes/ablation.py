@@ -36,6 +36,8 @@ SINGLE: dict[str, dict] = {
     "penalty=l2": {"penalty": "l2"},
     "penalty=fade": {"penalty": "fade"},
     "phase1_targets=kept": {"phase1_targets": "kept"},
+    "phase1_norms=kept": {"phase1_norms": "kept"},
+    "phase1_norms=all": {"phase1_norms": "all"},
     "balance=both": {"balance": "both"},
     "balance=none": {"balance": "none"},
     "order=registration": {"order": "registration"},
@@ -63,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     # fade shrinks the doomed slices outside Adam, so a lower phase-1 rate no longer slows that
     **{f"penalty=fade, phase1_lr={name}": {"penalty": "fade", "phase1_lr": float(name)}
        for name in ("3e-4", "1e-3")},
+    # doomed slices exactly zero at removal, norms over the kept channels: removal changes nothing
+    "penalty=fade, phase1_norms=kept": {"penalty": "fade", "phase1_norms": "kept"},
     # remixed batches keep giving new inputs: do more passes pay there?
     "augment=cutmix, passes 60+30": {"augment": "cutmix", "phase1_passes": 60, "phase2_passes": 30},
     "passes 60+30": {"phase1_passes": 60, "phase2_passes": 30},

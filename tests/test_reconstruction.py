@@ -20,9 +20,9 @@ from ptsp.reconstruction import (_CHUNK, Reconstruction, _Adam, _cache_bytes, _H
                                  _modified_in_place, _norm, _param_groups, _pieces,
                                  _RelativeError, _remix, _selections, _Target, doomed_masks, join_single_images,
                                  layer_names, phase1, reestimate_bn)
-from ptsp.surgery import apply, kept_indices
+from ptsp.surgery import apply, kept_indices, kept_statistics
 
-from nets import OutOfOrder, SmallCNN
+from nets import OutOfOrder, SmallCNN, Tokens
 
 SAMPLE = Path(__file__).resolve().parent.parent / "calib_data" / "fashion_mnist"
 FAST = Reconstruction(phase1_passes=5, phase2_passes=5, progress=False)
@@ -308,6 +308,42 @@ def test_fade_ends_phase1_with_the_doomed_entries_at_zero(trained, fmnist):
     assert any(not torch.equal(p[~m], b[~m]) for (p, m), b in zip(masks, before))
     with torch.no_grad():
         assert torch.allclose(apply(copy.deepcopy(student), kept).eval()(x), student.eval()(x), atol=1e-5)
+
+
+def test_fade_with_norms_over_kept_channels_makes_removal_exact():
+    """Phase 1 under ``phase1_norms="kept"`` (norms over the kept channels) with the fade penalty
+    optimises the very function the pruned model computes: removing the channels, now zero,
+    changes no output, even through a channel LayerNorm."""
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    with torch.no_grad():
+        model.ls.gamma.fill_(1.0)  # the normed branch counts (layer scale starts at 1e-5)
+    x = torch.randn(64, 3, 16, 16)
+    groups, removed, kept = _every_other_channel(model, x)
+    student = copy.deepcopy(model)
+    settings = Reconstruction(phase1_passes=2, penalty="fade", progress=False, amp=False)
+    with kept_statistics(student, groups, removed):
+        phase1(student, copy.deepcopy(model), list(x.split(32)), kept,
+               doomed_masks(student, groups, removed), settings, probe=apply(copy.deepcopy(model), kept))
+        with torch.no_grad():
+            y = student.eval()(x)
+    with torch.no_grad():
+        assert torch.allclose(apply(copy.deepcopy(student), kept).eval()(x), y, atol=1e-5)
+        assert not torch.allclose(student(x), y, atol=1e-3)  # the full-channel norms differ
+
+
+def test_phase1_norms_only_change_models_with_channel_norms(trained, fmnist):
+    """BatchNorm normalises each channel apart: a CNN without channel norms prunes to the same
+    weights under either ``phase1_norms``; a model with a channel LayerNorm does not."""
+    def pruned(model, x, norms):
+        calib = ptsp.data.calibration_loader(x, 64, 32)
+        settings = dataclasses.replace(FAST, phase1_passes=2, phase2_passes=0, phase1_norms=norms)
+        return ptsp.prune(model, calib, 0.5, reconstruction=settings, importance="l2").state_dict()
+
+    torch.manual_seed(0)
+    for model, x, same in ((trained, fmnist[0], True), (Tokens().eval(), torch.randn(64, 3, 16, 16), False)):
+        a, b = pruned(model, x, "kept"), pruned(model, x, "all")
+        assert all(torch.equal(a[k], b[k]) for k in a) == same
 
 
 def test_phase1_lr_sets_only_phase_one_rate(trained, fmnist):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 import ptsp
 from ptsp.importance import normalised_scores
 from ptsp.selection import select
-from ptsp.surgery import apply, kept_indices
+from ptsp.surgery import apply, criterion_error, kept_indices
 
 from nets import Heads
 
@@ -63,3 +64,20 @@ def test_heads_and_tied_weights():
     tied[4].weight = tied[2].weight
     _, removed, p = _pruned(tied.eval(), x)
     assert p[4].weight is p[2].weight and p(x).shape == tied(x).shape
+
+
+def test_kept_statistics_stay_float32_under_bfloat16_autocast():
+    """Phase 1 runs the student under autocast: the norms over kept channels then take their
+    statistics in float32, as the pruned model's ``layer_norm`` does, so a channel mean far from
+    zero (50 here, where bfloat16's spacing is 0.25) does not swamp them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(50.0)
+    x = torch.randn(8, 4)
+    groups = ptsp.build_groups(model, x[:1])
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[next(g for g in groups if len(g.ids) == 16).ids[::2]] = True
+    with torch.autocast("cpu", torch.bfloat16):
+        error = criterion_error(model, groups, removed, x)
+    assert error < 0.05
