@@ -72,9 +72,10 @@ class Reconstruction:
             channel, shrinking or not, does not shift its neighbours' normalisation, and removal
             changes no surviving norm's output); "all" over every channel, as the masked model of
             the authors' code. BatchNorm normalises each channel apart, so CNNs without channel
-            norms give the same result either way. Not the default: deit_tiny at 70% fewer FLOPs
-            (its plan narrows the residual stream) kept 72.37 against 73.02 (with the fade
-            penalty, which removes exactly what phase 1 saw: 72.53; recipes/results/ablation.md).
+            norms give the same result either way. Not the default, as it split the two
+            reference models whose plans narrow a normed stream: convnext_atto +0.15 and +0.34
+            points at 50% and 70% fewer FLOPs, deit_tiny −0.65 at 70% (one calibration draw each;
+            recipes/results/ablation.md).
         balance: where the balanced update ``lr/(L−k+1)`` applies: "phase2", "both" or "none".
         order: layer order k for the balanced update: "execution" (forward order) or
             "registration" (module definition order, the code's choice).
