@@ -37,7 +37,6 @@ SINGLE: dict[str, dict] = {
     "penalty=fade": {"penalty": "fade"},
     "phase1_targets=kept": {"phase1_targets": "kept"},
     "phase1_norms=kept": {"phase1_norms": "kept"},
-    "phase1_norms=all": {"phase1_norms": "all"},
     "balance=both": {"balance": "both"},
     "balance=none": {"balance": "none"},
     "order=registration": {"order": "registration"},
