@@ -4,10 +4,13 @@
     python recipes/ablation.py --models resnet18 resnet10t --level 0.7
     python recipes/ablation.py --importance l2 --variants defaults "authors()"   # the authors' plan
     python recipes/ablation.py --models resnet10t --cache DIR    # DIR/reference: other reference models
+    python recipes/ablation.py --seed 1 --variants defaults augment=cutmix   # another calibration draw
 
 Each row changes one ``ptsp.Reconstruction`` field from the defaults (the first row), plus the
-authors' full configuration (``Reconstruction.authors()``); every run uses the same 512 unlabeled
-training images and is evaluated on the 10k test images. Rows are appended to
+authors' full configuration (``Reconstruction.authors()``); every run of one ``--seed`` uses the same
+512 unlabeled training images (drawn with that seed; 0 by default, the accuracy table's draw) and is
+evaluated on the 10k test images, so a variant compares with the defaults row of its own draw and
+runs at several seeds pair a change over draws (``noise.py`` does the same for methods). Rows are appended to
 ``recipes/results/ablation.csv`` (re-running resumes); ``ablation.md`` is rewritten from it. The
 ``importance`` column is the option given to ``ptsp.prune``, ``plan`` the criterion it planned with.
 """
@@ -28,7 +31,7 @@ import ptsp
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "ablation.csv"
 FIELDS = ["model", "level", "variant", "top1", "agree", "dense_top1", "seconds", "importance", "plan", "defaults",
-          "bf16"]
+          "bf16", "seed"]
 #: the defaults a row's variant departs from (rows made before this column existed: empty)
 DEFAULTS = table.defaults_line()
 #: single changes from the defaults
@@ -80,6 +83,7 @@ def main() -> None:
     ap.add_argument("--level", type=float, default=0.5, help="fraction of FLOPs removed")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--importance", default="auto", choices=("auto", "l2", "taylor"))
+    ap.add_argument("--seed", type=int, default=0, help="calibration draw (512 training images drawn with it)")
     ap.add_argument("--cache", type=Path, help="folder of other reference models (DIR/reference), "
                     "e.g. longer-trained ones made by accuracy.py --reference-epochs")
     args = ap.parse_args()
@@ -88,17 +92,18 @@ def main() -> None:
         reference.use_cache(args.cache)
     # a retrained reference model (another dense top-1) is another model: it gets its own rows
     done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"], r.get("defaults") or "",
-             r.get("bf16") or "") for r in table.rows(CSV)}
+             r.get("bf16") or "", r.get("seed") or "0") for r in table.rows(CSV)}
     bf16 = "yes" if table.native_bf16() else "no"
     RESULTS.mkdir(exist_ok=True)
     for name in args.models:
         model = reference.load(name)
         test_x, test_labels, train_x = reference.prepared(model)
-        calib = ptsp.data.calibration_loader(train_x, 512, 64, seed=0)
+        calib = ptsp.data.calibration_loader(train_x, 512, 64, seed=args.seed)
         teacher = reference.predictions(model, test_x)
         dense = reference.percent(teacher == test_labels)
         for variant in args.variants:
-            if (name, str(args.level), variant, args.importance, f"{dense:.2f}", DEFAULTS, bf16) in done:
+            if (name, str(args.level), variant, args.importance, f"{dense:.2f}", DEFAULTS, bf16,
+                str(args.seed)) in done:
                 continue
             settings = ptsp.Reconstruction(**{**VARIANTS[variant], "progress": False})
             t0 = time.perf_counter()
@@ -110,7 +115,7 @@ def main() -> None:
                    "top1": f"{reference.percent(pred == test_labels):.2f}",
                    "agree": f"{reference.percent(pred == teacher):.2f}",
                    "dense_top1": f"{dense:.2f}", "seconds": f"{time.perf_counter() - t0:.0f}",
-                   "defaults": DEFAULTS, "bf16": bf16}
+                   "defaults": DEFAULTS, "bf16": bf16, "seed": str(args.seed)}
             print(row, flush=True)
             table.append(CSV, FIELDS, row)
     write_report()
@@ -133,19 +138,21 @@ def write_report() -> None:
              "ran `bn=\"reestimate\"`, the default until `\"train+reestimate\"` replaced it, and "
              "all of them `lr=1e-3` and `max_ratio=1.0`. bf16: whether the reconstruction ran under "
              "bfloat16 autocast (a CPU with native bfloat16) or in float32; rows before that column: –, "
-             "and a row compares only with defaults rows of its own kind.", "",
-             "| model | FLOPs removed | importance | plan | variant | top-1 | vs defaults | agree | dense | bf16 | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "and a row compares only with defaults rows of its own kind. seed: the calibration draw "
+             "(`--seed`; rows before that column drew with 0); a row compares with the defaults row "
+             "of its own draw.", "",
+             "| model | FLOPs removed | importance | plan | variant | seed | top-1 | vs defaults | agree | dense | bf16 | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def key(r: dict) -> tuple:
         return (r["model"], r["level"], r["importance"], r["dense_top1"], r.get("defaults") or "",
-                r.get("bf16") or "")
+                r.get("bf16") or "", r.get("seed") or "0")
 
     base = {key(r): float(r["top1"]) for r in rows if r["variant"] == "defaults"}
     for r in rows:
         ref = base.get(key(r))
         delta = f"{float(r['top1']) - ref:+.2f}" if ref is not None else "–"
         lines.append(f"| {r['model']} | {float(r['level']):.0%} | {r['importance']} | {r['plan']} | "
-                     f"{r['variant']} | {r['top1']} | {delta} | {r.get('agree') or '–'} | {r['dense_top1']} | "
+                     f"{r['variant']} | {r.get('seed') or '0'} | {r['top1']} | {delta} | {r.get('agree') or '–'} | {r['dense_top1']} | "
                      f"{r.get('bf16') or '–'} | {r['seconds']} |")
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
