@@ -333,28 +333,33 @@ def test_the_noise_report_pairs_psp_with_each_method_by_seed(tmp_path):
 
 
 def test_the_ablation_report_compares_with_the_defaults_row_and_keeps_old_rows(tmp_path, monkeypatch):
-    """A row is compared with the defaults row of its model, defaults and arithmetic (bfloat16 or
-    not); a row written before the agreement and bf16 columns existed is kept, shown as –."""
+    """A row is compared with the defaults row of its model, defaults, arithmetic (bfloat16 or
+    not) and calibration draw; a row written before the agreement, bf16 and seed columns existed
+    is kept, shown as – (its seed as 0, the draw it used)."""
     import ablation
     import table
 
     monkeypatch.setattr(ablation, "RESULTS", tmp_path)
     monkeypatch.setattr(ablation, "CSV", tmp_path / "ablation.csv")
-    old = [f for f in ablation.FIELDS if f not in ("agree", "bf16")]
+    old = [f for f in ablation.FIELDS if f not in ("agree", "bf16", "seed")]
     table.append(ablation.CSV, old, {"model": "m", "level": "0.5", "variant": "lr=1e-3", "top1": "88.40",
                                      "dense_top1": "89.00", "seconds": "3", "importance": "auto",
                                      "plan": "l2", "defaults": "d"})
-    for variant, top1, agree, bf16 in (("defaults", "88.50", "97.00", ""), ("phase1_lr=3e-4", "88.75", "99.25", ""),
-                                       ("penalty=fade", "88.60", "98.00", "yes")):
+    for variant, top1, agree, bf16, seed in (("defaults", "88.50", "97.00", "", "0"),
+                                             ("phase1_lr=3e-4", "88.75", "99.25", "", "0"),
+                                             ("penalty=fade", "88.60", "98.00", "yes", "0"),
+                                             ("defaults", "88.00", "96.00", "", "1"),
+                                             ("phase1_lr=3e-4", "88.30", "98.00", "", "1")):
         table.append(ablation.CSV, ablation.FIELDS, {
             "model": "m", "level": "0.5", "variant": variant, "top1": top1, "agree": agree,
             "dense_top1": "89.00", "seconds": "3", "importance": "auto", "plan": "l2", "defaults": "d",
-            "bf16": bf16})
+            "bf16": bf16, "seed": seed})
     ablation.write_report()
     lines = (tmp_path / "ablation.md").read_text().splitlines()
-    assert "| m | 50% | auto | l2 | lr=1e-3 | 88.40 | -0.10 | – | 89.00 | – | 3 |" in lines
-    assert "| m | 50% | auto | l2 | phase1_lr=3e-4 | 88.75 | +0.25 | 99.25 | 89.00 | – | 3 |" in lines
-    assert "| m | 50% | auto | l2 | penalty=fade | 88.60 | – | 98.00 | 89.00 | yes | 3 |" in lines
+    assert "| m | 50% | auto | l2 | lr=1e-3 | 0 | 88.40 | -0.10 | – | 89.00 | – | 3 |" in lines
+    assert "| m | 50% | auto | l2 | phase1_lr=3e-4 | 0 | 88.75 | +0.25 | 99.25 | 89.00 | – | 3 |" in lines
+    assert "| m | 50% | auto | l2 | penalty=fade | 0 | 88.60 | – | 98.00 | 89.00 | yes | 3 |" in lines
+    assert "| m | 50% | auto | l2 | phase1_lr=3e-4 | 1 | 88.30 | +0.30 | 98.00 | 89.00 | – | 3 |" in lines
 
 
 def test_the_accuracy_report_of_another_results_folder_names_it(tmp_path, monkeypatch):
