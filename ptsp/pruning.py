@@ -56,14 +56,11 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
             the model's FLOPs / parameters (``target="flops"`` / ``"params"``).
         method: "psp" (two-phase reconstruction), "global" (phase 2 only, gAP), "layerwise"
             (AdaPrune), "bn" (BatchNorm re-estimation only) or "magnitude" (data-free).
-        importance: channel criterion, one of :data:`ptsp.importance.IMPORTANCE`, or "auto": plan
-            with each of :data:`AUTO` and keep the plan whose pruned model, BatchNorm re-estimated,
-            matches the original's logits best up to scale on the calibration images
-            (:func:`scale_free_error`). Default: "taylor" for the calibrated methods when the
-            model's output is a classifier's logits (the plan that reconstructs best: the
-            distortion before reconstruction, auto's measure, preferred l2 on densenet121 and
-            deit_tiny, whose taylor plans psp then reconstructed better), "l2" otherwise and for
-            "magnitude" (PSP's).
+        importance: channel criterion, one of :data:`ptsp.importance.IMPORTANCE`, or "auto" (the
+            default of the calibrated methods): plan with each of :data:`AUTO` and keep the plan
+            whose pruned model, BatchNorm re-estimated, matches the original's logits best up to
+            scale on the calibration images (:func:`scale_free_error`). "magnitude" defaults to
+            "l2" (PSP's).
         reconstruction: settings of the calibrated methods (:class:`Reconstruction`).
         example_inputs: input used to trace the model; defaults to the first calibration image,
             or one random image of the timm data config's size.
@@ -88,7 +85,9 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
                          "(or use method='magnitude' for data-free pruning)")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if importance is not None and importance not in IMPORTANCE and importance != "auto":
+    if importance is None:
+        importance = "auto" if method in DATA_METHODS else "l2"
+    if importance not in IMPORTANCE and importance != "auto":
         raise ValueError(f"unknown importance {importance!r}; choose from "
                          f"{sorted(IMPORTANCE) + ['auto']}")
     if importance in DATA_IMPORTANCE + ("auto",) and method not in DATA_METHODS:
@@ -140,7 +139,7 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         return plan
 
     report: dict[str, Any] = {}
-    criterion = _criterion(importance, method, model, batches)
+    criterion = "l2" if importance == "auto" and not _gives_logits(model, batches) else importance
     if criterion == "auto":
         plans = {c: plan_for(model, c) for c in AUTO}
         with clock("importance"):
@@ -192,18 +191,6 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     }
     setattr(pruned, PLAN_ATTR, plan)
     return pruned
-
-
-def _criterion(importance: str | None, method: str, model: nn.Module,
-               batches: list[torch.Tensor] | None) -> str:
-    """The criterion to plan with: ``importance`` as given, or by default taylor for the
-    calibrated methods on a classifier and l2 otherwise (taylor needs logits, and so does "auto",
-    which then has nothing to choose between)."""
-    if importance is None:
-        return "taylor" if method in DATA_METHODS and _gives_logits(model, batches) else "l2"
-    if importance == "auto" and not _gives_logits(model, batches):
-        return "l2"
-    return importance
 
 
 def _gives_logits(model: nn.Module, batches: list[torch.Tensor]) -> bool:

@@ -82,8 +82,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18"], choices=list(reference.MODELS))
     ap.add_argument("--level", type=float, default=0.5, help="fraction of FLOPs removed")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--importance", default="taylor", choices=("auto", "l2", "taylor"),
-                    help="the plan's criterion (default: taylor, ptsp's default on a classifier)")
+    ap.add_argument("--importance", default="auto", choices=("auto", "l2", "taylor"))
     ap.add_argument("--seed", type=int, default=0, help="calibration draw (512 training images drawn with it)")
     ap.add_argument("--cache", type=Path, help="folder of other reference models (DIR/reference), "
                     "e.g. longer-trained ones made by accuracy.py --reference-epochs")

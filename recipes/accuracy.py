@@ -104,8 +104,8 @@ def _keep_rows_of(csv: Path, name: str, dense: str, wanted: set[tuple[str, str]]
 
 def _replanned(csv: Path, model: torch.nn.Module, calib, name: str, level: str,
                done: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
-    """The measured rows of the calibrated methods at ``level`` whose plan is not the one the
-    default importance plans with today (it changed since), dropped from the CSV: a row
+    """The measured rows of the calibrated methods at ``level`` whose plan is not the one
+    ``importance="auto"`` chooses today (its measure changed since), dropped from the CSV: a row
     planned as today's would give the same top-1 again, so only these are measured again."""
     mine = [r for r in table.rows(csv) if r["model"] == name and r["level"] == level
             and r["method"] in ptsp.pruning.DATA_METHODS and (name, r["method"], level) in done]
@@ -115,7 +115,7 @@ def _replanned(csv: Path, model: torch.nn.Module, calib, name: str, level: str,
                                      reconstruction=ptsp.Reconstruction(progress=False)))["importance"]
     stale = [r for r in mine if r["importance"] != choice]
     if stale:
-        print(f"{name} at -{float(level):.0%}: measuring {len(stale)} rows again: the default importance now plans with {choice}",
+        print(f"{name} at -{float(level):.0%}: measuring {len(stale)} rows again: auto now plans with {choice}",
               flush=True)
         table.rewrite(csv, FIELDS, [r for r in table.rows(csv) if r not in stale])
     return {(name, r["method"], level) for r in stale}
@@ -134,8 +134,8 @@ def write_report(results: Path = RESULTS) -> None:
              f"Regenerate: `{command}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
              f"given FLOPs reduction; every calibrated method uses the same {samples} unlabeled "
              "training images and default settings. Δ is psp minus the dense model; plan is the criterion that "
-             "the default importance planned with for the calibrated methods (taylor on a classifier; "
-             "rows before 2026-12-06: `importance=\"auto\"`'s choice; magnitude always plans with l2); bn and lr are the `Reconstruction` defaults the psp row ran with, max "
+             "the default `importance=\"auto\"` chose for the calibrated methods (magnitude always "
+             "plans with l2); bn and lr are the `Reconstruction` defaults the psp row ran with, max "
              "ratio `prune`'s (a run measures the rows it asks for again when a default they depend "
              "on changes; the other rows keep the settings they ran with); params kept is psp's.", ""]
     trained = []

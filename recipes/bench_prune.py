@@ -6,10 +6,10 @@ forward, student forward and backward, Adam step) on the dense model, phase 2 th
 pruned model (both under the pipeline's bfloat16 autocast where it applies, with BatchNorm in the
 mode the pipeline's ``Reconstruction.bn`` runs it in: train mode, computing each batch's statistics,
 by default; the teacher forward in the first pass only where the phase kept the teacher's
-activations), the two BatchNorm re-estimation forwards, and the importance passes: with the
-default taylor plan a Taylor forward and backward before phase 1 and again after it; under
-``importance="auto"`` the Taylor pass, the original's forward and, per candidate plan, a BatchNorm
-re-estimation and an evaluation forward (and the Taylor pass after phase 1 when it picks taylor).
+activations), the two BatchNorm re-estimation forwards, and the passes of the default
+``importance="auto"``: a Taylor forward and backward (again after phase 1 when it picks taylor),
+the original's forward and, per candidate plan, a BatchNorm re-estimation and an evaluation
+forward.
 The ratio is pipeline / floor (target ≤ 1.3). Writes ``recipes/results/bench_prune.md``.
 
     python recipes/bench_prune.py --model resnet18 --size 224 --samples 256
@@ -79,15 +79,12 @@ def floor_seconds(model: torch.nn.Module, pruned: torch.nn.Module, batches: list
     teacher = copy.deepcopy(model).eval()
     report = ptsp.plan_of(pruned)["report"]
     auto = report.get("importance", {})
-    taylor = ptsp.plan_of(pruned)["importance"] == "taylor"
     t0 = time.perf_counter()
-    # Taylor scores: a forward and backward before phase 1 (auto scores taylor's plan whichever it
-    # keeps) and again after it when the plan is taylor's
-    work = copy.deepcopy(model).eval()
-    for _ in range((bool(auto) or taylor) + taylor):
-        for x in batches:
-            work(x.to(device, non_blocking=True)).float().pow(2).mean().backward()
     if auto:
+        work = copy.deepcopy(model).eval()
+        for _ in range(1 + (ptsp.plan_of(pruned)["importance"] == "taylor")):
+            for x in batches:
+                work(x.to(device, non_blocking=True)).float().pow(2).mean().backward()
         with torch.no_grad():
             for _ in range(1 + 2 * len(auto)):
                 for x in batches:

@@ -31,7 +31,7 @@ import table
 import ptsp
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIELDS = ["model", "level", "method", "seed", "top1", "agree", "dense_top1", "seconds", "defaults", "plan"]
+FIELDS = ["model", "level", "method", "seed", "top1", "agree", "dense_top1", "seconds", "defaults"]
 METHODS = ("bn", "layerwise", "global", "psp")
 #: the defaults every row ran with (a row with others is another experiment: it keeps its own table)
 DEFAULTS = table.defaults_line()
@@ -40,7 +40,7 @@ DEFAULTS = table.defaults_line()
 def run(models: list[str], level: float, seeds: list[int], methods: list[str], results: Path,
         command: str) -> None:
     csv = results / "noise.csv"
-    done = {(r["model"], r["level"], r["method"], r["seed"], r["dense_top1"], r["defaults"], plan_of(r))
+    done = {(r["model"], r["level"], r["method"], r["seed"], r["dense_top1"], r["defaults"])
             for r in table.rows(csv)}
     results.mkdir(parents=True, exist_ok=True)
     for name in models:
@@ -50,12 +50,8 @@ def run(models: list[str], level: float, seeds: list[int], methods: list[str], r
         dense = f"{reference.percent(teacher == test_labels):.2f}"
         for seed in seeds:
             calib = ptsp.data.calibration_loader(train_x, 512, 64, seed=seed)
-            # the criterion the default importance plans with today (rows planned otherwise are
-            # another experiment)
-            plan = ptsp.plan_of(ptsp.prune(model, calib, level, method="bn", target="flops",
-                                           reconstruction=ptsp.Reconstruction(progress=False)))["importance"]
             for method in methods:
-                if (name, str(level), method, str(seed), dense, DEFAULTS, plan) in done:
+                if (name, str(level), method, str(seed), dense, DEFAULTS) in done:
                     continue
                 t0 = time.perf_counter()
                 pruned = ptsp.prune(model, calib, level, method=method, target="flops",
@@ -65,15 +61,10 @@ def run(models: list[str], level: float, seeds: list[int], methods: list[str], r
                 row = {"model": name, "level": str(level), "method": method, "seed": str(seed),
                        "top1": f"{reference.percent(pred == test_labels):.2f}",
                        "agree": f"{reference.percent(pred == teacher):.2f}", "dense_top1": dense, "seconds": f"{seconds:.0f}",
-                       "defaults": DEFAULTS, "plan": ptsp.plan_of(pruned)["importance"]}
+                       "defaults": DEFAULTS}
                 print(row, flush=True)
                 table.append(csv, FIELDS, row)
     write_report(results, command)
-
-
-def plan_of(row: dict) -> str:
-    """The criterion a row planned with; rows before that column ran ``importance="auto"``."""
-    return row.get("plan") or "auto"
 
 
 def write_report(results: Path, command: str) -> None:
@@ -84,17 +75,15 @@ def write_report(results: Path, command: str) -> None:
              "it); agree: the share of test images on which the pruned model predicts what the dense "
              "model does (mean over seeds). psp − method: psp's paired gap at each seed (same "
              "images), then its mean; one sign at every seed means the gap is the method's, not the "
-             "draw's. Each table is one reference model (dense top-1), one set of ptsp defaults and "
-             "the criterion the default importance planned with (rows before that column: "
-             "`importance=\"auto\"`, the default then, whichever plan it chose).", ""]
+             "draw's. Each table is one reference model (dense top-1) and one set of ptsp defaults.", ""]
     experiments: dict[tuple, list[dict]] = {}
     for r in rows:
-        experiments.setdefault((r["model"], r["level"], r["dense_top1"], r["defaults"], plan_of(r)), []).append(r)
-    for (name, level, dense, defaults, plan), mine in experiments.items():
+        experiments.setdefault((r["model"], r["level"], r["dense_top1"], r["defaults"]), []).append(r)
+    for (name, level, dense, defaults), mine in experiments.items():
         seeds = sorted({r["seed"] for r in mine}, key=int)
         top1 = {(r["method"], r["seed"]): float(r["top1"]) for r in mine}
         agree = {(r["method"], r["seed"]): float(r["agree"]) for r in mine}
-        lines += [f"## {name}, {float(level):.0%} fewer FLOPs (dense {dense}), planned with {plan}", "",
+        lines += [f"## {name}, {float(level):.0%} fewer FLOPs (dense {dense})", "",
                   f"Defaults: `{defaults}`", "",
                   "| method | " + " | ".join(f"seed {s}" for s in seeds)
                   + " | mean | std | agree | psp − method per seed | mean gap |",

@@ -111,7 +111,7 @@ def test_auto_importance_keeps_the_least_distorting_plan():
     model = timm.create_model("resnet10t", num_classes=10).eval()
     x = torch.randn(16, 3, 32, 32)
     quiet = ptsp.Reconstruction(progress=False)
-    pruned = ptsp.prune(model, [x], 0.5, method="bn", importance="auto", reconstruction=quiet)
+    pruned = ptsp.prune(model, [x], 0.5, method="bn", reconstruction=quiet)
     plan = ptsp.plan_of(pruned)
     errors = plan["report"]["importance"]
     assert set(errors) == set(ptsp.pruning.AUTO) and all(e >= 0 for e in errors.values())
@@ -119,21 +119,4 @@ def test_auto_importance_keeps_the_least_distorting_plan():
     chosen = ptsp.prune(model, [x], 0.5, method="bn", importance=plan["importance"], reconstruction=quiet)
     assert ptsp.plan_of(chosen)["kept"] == plan["kept"]
     features = nn.Sequential(*list(model.children())[:-2])  # no pooling or classifier: 4-D output
-    assert ptsp.plan_of(ptsp.prune(features, [x], 0.5, method="bn", importance="auto",
-                                   reconstruction=quiet))["importance"] == "l2"
-
-
-def test_default_importance_is_taylor_on_a_classifier_and_l2_otherwise():
-    """The calibrated methods plan with taylor where the model gives logits (the same plan as
-    asking for it), with l2 on a model without them; magnitude with l2."""
-    torch.manual_seed(0)
-    model = timm.create_model("resnet10t", num_classes=10).eval()
-    x = torch.randn(16, 3, 32, 32)
-    quiet = ptsp.Reconstruction(progress=False)
-    plan = ptsp.plan_of(ptsp.prune(model, [x], 0.5, method="bn", reconstruction=quiet))
-    assert plan["importance"] == "taylor" and "importance" not in plan["report"]
-    taylor = ptsp.prune(model, [x], 0.5, method="bn", importance="taylor", reconstruction=quiet)
-    assert ptsp.plan_of(taylor)["kept"] == plan["kept"]
-    features = nn.Sequential(*list(model.children())[:-2])
     assert ptsp.plan_of(ptsp.prune(features, [x], 0.5, method="bn", reconstruction=quiet))["importance"] == "l2"
-    assert ptsp.plan_of(ptsp.prune(model, None, 0.5, method="magnitude"))["importance"] == "l2"

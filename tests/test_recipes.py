@@ -317,25 +317,19 @@ def test_the_operation_count_leaves_views_out_and_compares_with_the_floor(tmp_pa
 
 
 def test_the_noise_report_pairs_psp_with_each_method_by_seed(tmp_path):
-    """Each plan's rows make a table of their own (rows without the plan column ran "auto")."""
     import noise
     import table
 
-    for plan, shift in (("", 0.0), ("taylor", 0.5)):
-        for method, top1 in (("psp", (88.50, 88.20)), ("global", (88.70, 88.10))):
-            for seed, value in enumerate(top1):
-                table.append(tmp_path / "noise.csv", noise.FIELDS, {
-                    "model": "m", "level": "0.5", "method": method, "seed": str(seed),
-                    "top1": f"{value + shift * (method == 'psp'):.2f}", "agree": "98.00",
-                    "dense_top1": "89.00", "seconds": "1", "defaults": "d", "plan": plan})
+    for method, top1 in (("psp", ("88.50", "88.20")), ("global", ("88.70", "88.10"))):
+        for seed, value in enumerate(top1):
+            table.append(tmp_path / "noise.csv", noise.FIELDS, {
+                "model": "m", "level": "0.5", "method": method, "seed": str(seed), "top1": value,
+                "agree": "98.00", "dense_top1": "89.00", "seconds": "1", "defaults": "d"})
     noise.write_report(tmp_path, "python recipes/noise.py --cache DIR --results elsewhere")
-    text = (tmp_path / "noise.md").read_text()
-    auto, taylor = text.split("## m, 50% fewer FLOPs (dense 89.00), planned with auto")[1].split(
-        "## m, 50% fewer FLOPs (dense 89.00), planned with taylor")
-    assert "`python recipes/noise.py --cache DIR --results elsewhere`" in text.splitlines()[2]
-    assert "| global | 88.70 | 88.10 | 88.40 | 0.42 | 98.00 | -0.20 +0.10 | -0.05 |" in auto.splitlines()
-    assert "| psp | 88.50 | 88.20 | 88.35 | 0.21 | 98.00 | – | – |" in auto.splitlines()
-    assert "| global | 88.70 | 88.10 | 88.40 | 0.42 | 98.00 | +0.30 +0.60 | +0.45 |" in taylor.splitlines()
+    lines = (tmp_path / "noise.md").read_text().splitlines()
+    assert "`python recipes/noise.py --cache DIR --results elsewhere`" in lines[2]
+    assert "| global | 88.70 | 88.10 | 88.40 | 0.42 | 98.00 | -0.20 +0.10 | -0.05 |" in lines
+    assert "| psp | 88.50 | 88.20 | 88.35 | 0.21 | 98.00 | – | – |" in lines
 
 
 def test_the_ablation_report_compares_with_the_defaults_row_and_keeps_old_rows(tmp_path, monkeypatch):
@@ -407,10 +401,9 @@ def test_accuracy_measures_again_the_rows_of_another_calibration_set_size(tmp_pa
     assert {r["method"] for r in table.rows(csv)} == {"psp", "magnitude"}
 
 
-def test_accuracy_measures_again_the_rows_planned_otherwise_than_today(tmp_path):
-    """A calibrated row whose plan is not the one the default importance plans with today is
-    dropped to be measured again; rows planned as today's, of another level and data-free
-    magnitude are kept."""
+def test_accuracy_measures_again_the_rows_planned_otherwise_than_auto_today(tmp_path):
+    """A calibrated row whose plan is not the one importance="auto" chooses today is dropped to be
+    measured again; rows planned as today's, of another level and data-free magnitude are kept."""
     import accuracy
     import table
 
