@@ -143,7 +143,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     dense_top1 = evaluate(model, "dense") if evaluate else None
     t0 = time.perf_counter()
     pruned = ptsp.prune(model, calib, args.ratio, method=args.method, target=args.target,
-                        example_inputs=x, round_to=args.round_to, max_ratio=args.max_ratio)
+                        importance=args.importance, example_inputs=x, round_to=args.round_to,
+                        max_ratio=args.max_ratio)
     seconds = time.perf_counter() - t0
     pruned_top1 = evaluate(pruned, "pruned") if evaluate else None
     ptsp.save(pruned, output, overwrite=args.overwrite)
@@ -277,6 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ratio", type=float, default=0.9, help="most one group may lose")
     p.add_argument("--method", choices=["psp", "global", "layerwise", "bn", "magnitude"],
                    default="psp", help="default psp; magnitude needs no calibration data")
+    p.add_argument("--importance", help="channel criterion: auto, l2, l1, bn_scale, taylor or random "
+                   "(default: auto for the calibrated methods, l2 for magnitude)")
     p.add_argument("--calib", help="calibration images: a folder (images or parquet) or a datasets name")
     p.add_argument("--num-samples", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")

@@ -95,6 +95,8 @@ def test_groups_lists_unprunable(capsys):
     (["prune", "--model", "no_such_model"], "unknown timm model"),
     (["prune", *R18, "--ratio", "1.5", "--method", "magnitude"], "strictly between 0 and 1"),
     (["prune", *R18], "needs calibration images"),
+    (["prune", *R18, "--method", "magnitude", "--importance", "taylor"], "reads gradients on calibration data"),
+    (["prune", *R18, "--method", "magnitude", "--importance", "bogus"], "unknown importance"),
     (["prune", "--model", "missing.safetensors"], "does not exist"),
     (["prune", "--model", str(DEMO_MODEL), "--pretrained"], "--pretrained applies to a timm name"),
     (["info", "missing.safetensors"], "does not exist"),
