@@ -92,7 +92,7 @@ def main() -> None:
         reference.use_cache(args.cache)
     # a retrained reference model (another dense top-1) is another model: it gets its own rows
     done = {(r["model"], r["level"], r["variant"], r["importance"], r["dense_top1"], r.get("defaults") or "",
-             r.get("bf16") or "", r.get("seed") or "0") for r in table.rows(CSV)}
+             r.get("bf16") or "", seed_of(r)) for r in table.rows(CSV)}
     bf16 = "yes" if table.native_bf16() else "no"
     RESULTS.mkdir(exist_ok=True)
     for name in args.models:
@@ -121,6 +121,11 @@ def main() -> None:
     write_report()
 
 
+def seed_of(row: dict) -> str:
+    """The calibration draw of a row; rows before the seed column drew with 0."""
+    return row.get("seed") or "0"
+
+
 def write_report() -> None:
     rows = table.rows(CSV)
     lines = ["# psp ablation (Fashion-MNIST reference models)", "",
@@ -145,14 +150,14 @@ def write_report() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def key(r: dict) -> tuple:
         return (r["model"], r["level"], r["importance"], r["dense_top1"], r.get("defaults") or "",
-                r.get("bf16") or "", r.get("seed") or "0")
+                r.get("bf16") or "", seed_of(r))
 
     base = {key(r): float(r["top1"]) for r in rows if r["variant"] == "defaults"}
     for r in rows:
         ref = base.get(key(r))
         delta = f"{float(r['top1']) - ref:+.2f}" if ref is not None else "–"
         lines.append(f"| {r['model']} | {float(r['level']):.0%} | {r['importance']} | {r['plan']} | "
-                     f"{r['variant']} | {r.get('seed') or '0'} | {r['top1']} | {delta} | {r.get('agree') or '–'} | {r['dense_top1']} | "
+                     f"{r['variant']} | {seed_of(r)} | {r['top1']} | {delta} | {r.get('agree') or '–'} | {r['dense_top1']} | "
                      f"{r.get('bf16') or '–'} | {r['seconds']} |")
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
 
