@@ -7,6 +7,7 @@ import torch
 
 import ptsp
 from ptsp.cli import DEMO_DATA, DEMO_MODEL, main
+from ptsp.importance import IMPORTANCE
 
 R18 = ["--model", "resnet18", "--input-size", "64"]
 
@@ -110,6 +111,16 @@ def test_errors_exit_nonzero(argv, match, tmp_path, monkeypatch, capsys):
     assert exc.value.code != 0
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
+
+
+def test_prune_help_names_every_criterion(capsys):
+    """The help text lists the criteria by hand (``ptsp --help`` does not import torch): it must
+    follow ``ptsp.importance.IMPORTANCE``."""
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text.split("channel criterion: ")[1].split(" (default")[0]
+    assert sorted(c.strip() for c in listed.replace(" or ", ", ").split(",")) == sorted([*IMPORTANCE, "auto"])
 
 
 def test_existing_output_needs_overwrite(tmp_path, capsys):
