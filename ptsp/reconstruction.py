@@ -72,10 +72,10 @@ class Reconstruction:
             channel, shrinking or not, does not shift its neighbours' normalisation, and removal
             changes no surviving norm's output); "all" over every channel, as the masked model of
             the authors' code. BatchNorm normalises each channel apart, so CNNs without channel
-            norms give the same result either way. Not the default, as it split the two
-            reference models whose plans narrow a normed stream: convnext_atto +0.15 and +0.34
-            points at 50% and 70% fewer FLOPs, deit_tiny −0.65 at 70% (one calibration draw each;
-            recipes/results/ablation.md).
+            norms give the same result either way. Not the default, as it splits the two
+            reference models whose plans narrow a normed stream, at every calibration draw:
+            convnext_atto gains up to 0.34 points at 70% fewer FLOPs, deit_tiny loses 0.40–0.65
+            (three draws each; recipes/results/ablation.md).
         balance: where the balanced update ``lr/(L−k+1)`` applies: "phase2", "both" or "none".
         order: layer order k for the balanced update: "execution" (forward order) or
             "registration" (module definition order, the code's choice).
