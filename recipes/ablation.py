@@ -72,6 +72,9 @@ VARIANTS: dict[str, dict] = {
     # remixed batches keep giving new inputs: do more passes pay there?
     "augment=cutmix, passes 60+30": {"augment": "cutmix", "phase1_passes": 60, "phase2_passes": 30},
     "passes 60+30": {"phase1_passes": 60, "phase2_passes": 30},
+    # phase 2 at one small rate for every layer (phase 1 as the defaults): the balanced rate
+    # lr/(L−k+1) all but freezes the early layers of a 240-module densenet121
+    "phase 2 unbalanced, lr=3e-4": {"balance": "none", "lr": 3e-4, "phase1_lr": 3e-3},
     **{f"l2+kept, {name}": {**L2_KEPT, **change} for name, change in SINGLE.items()
        if name not in ("penalty=l2", "phase1_targets=kept")},
 }
