@@ -28,14 +28,15 @@ Importance = Callable[[Group, Mapping[str, torch.Tensor]], np.ndarray]
 
 def _channel_sums(group: Group, tensors: Mapping[str, torch.Tensor],
                   transform: Callable[[torch.Tensor], torch.Tensor],
-                  biases: bool) -> tuple[np.ndarray, int]:
+                  biases: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per channel, the sum over the group's members found in ``tensors`` of ``transform(slice)``
-    summed over the slice; and how many members were scored. Running statistics are never in
-    ``tensors`` (parameters only); biases carry no magnitude information about a channel's
-    contribution, but they are part of its loss change (``biases``)."""
+    summed over the slice, and how many of those members index the channel (in a concat group
+    each producer indexes only its own channels, and a consumer only those it reads). Running
+    statistics are never in ``tensors`` (parameters only); biases carry no magnitude information
+    about a channel's contribution, but they are part of its loss change (``biases``)."""
     lookup = {int(c): i for i, c in enumerate(group.ids)}
     scores = np.zeros(group.channels)
-    count = 0
+    counts = np.zeros(group.channels)
     for m in group.members:
         if m.tensor not in tensors or (not biases and m.tensor.endswith("bias")):
             continue
@@ -49,17 +50,21 @@ def _channel_sums(group: Group, tensors: Mapping[str, torch.Tensor],
         idx = np.array([lookup.get(int(c), -1) for c in m.channel.ravel()])
         ok = idx >= 0
         np.add.at(scores, idx[ok], per.ravel()[ok])
-        count += 1
-    return scores, count
+        counts[np.unique(idx[ok])] += 1
+    return scores, counts
 
 
 def _norm(group: Group, tensors: Mapping[str, torch.Tensor], p: float) -> np.ndarray:
-    scores, count = _channel_sums(group, tensors, lambda t: t.abs().pow(p), biases=False)
-    return scores / max(count, 1)
+    """Each channel's mean over the members that index it: a sum, or a mean over all members,
+    would rank a concat's early channels, read by every later layer of a dense block, far above
+    the last layer's, and the plan would strip whole late layers while keeping their bottlenecks
+    (densenet121: 3 members index the last layer's channels of a block, up to 51 the first's)."""
+    scores, counts = _channel_sums(group, tensors, lambda t: t.abs().pow(p), biases=False)
+    return scores / np.maximum(counts, 1)
 
 
 def l2(group: Group, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """PSP's score: mean over the group's members of each channel's squared L2 norm."""
+    """PSP's score: each channel's squared L2 norm, averaged over the group's members that hold it."""
     return _norm(group, tensors, 2.0)
 
 

@@ -101,3 +101,28 @@ def test_taylor_needs_data_and_a_classifier():
     with pytest.raises(ValueError, match="reads gradients on calibration data"):
         ptsp.prune(model, None, 0.5, method="magnitude", importance="taylor",
                    example_inputs=x[:1])
+
+
+class _ConcatReadTwice(nn.Module):
+    """``a`` and ``b`` are concatenated for ``c``; ``a``'s channels are also read by ``d``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 1, bias=False), nn.Conv2d(2, 4, 1, bias=False)
+        self.c, self.d = nn.Conv2d(8, 2, 1, bias=False), nn.Conv2d(4, 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ya = self.a(x)
+        return self.c(torch.cat([ya, self.b(x)], 1)) + self.d(ya)
+
+
+def test_l2_averages_each_channel_over_the_members_that_hold_it():
+    """A concat's channels read by more layers do not outrank the others for that alone: every
+    slice of every member has the same squared norm, so every channel scores it."""
+    model = _ConcatReadTwice()
+    for p in model.parameters():
+        nn.init.ones_(p)
+    groups = ptsp.build_groups(model, torch.randn(1, 2, 4, 4))
+    g = next(g for g in groups if g.channels == 8)
+    assert {m.tensor for m in g.members} >= {"a.weight", "b.weight", "c.weight", "d.weight"}
+    assert np.allclose(l2(g, dict(model.named_parameters())), 2.0)
