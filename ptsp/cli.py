@@ -132,6 +132,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     model = _model(args)
     x = _inputs(model, args.device)
     calib = None
+    if args.method == "magnitude" and args.augment != "none":
+        raise CliError("--augment remixes calibration batches: it applies to the calibrated methods, "
+                       "not --method magnitude")
     if args.method != "magnitude":
         if args.calib is None:
             raise CliError(f"--method {args.method} needs calibration images: pass --calib "
@@ -144,7 +147,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     pruned = ptsp.prune(model, calib, args.ratio, method=args.method, target=args.target,
                         importance=args.importance, example_inputs=x, round_to=args.round_to,
-                        max_ratio=args.max_ratio)
+                        max_ratio=args.max_ratio,
+                        reconstruction=ptsp.Reconstruction(augment=args.augment))
     seconds = time.perf_counter() - t0
     pruned_top1 = evaluate(pruned, "pruned") if evaluate else None
     ptsp.save(pruned, output, overwrite=args.overwrite)
@@ -280,6 +284,9 @@ def _parser() -> argparse.ArgumentParser:
                    default="psp", help="default psp; magnitude needs no calibration data")
     p.add_argument("--importance", help="channel criterion: auto, l2, l1, bn_scale, taylor or random "
                    "(default: auto for the calibrated methods, l2 for magnitude)")
+    p.add_argument("--augment", choices=["none", "mixup", "cutmix"], default="none",
+                   help="remix each calibration batch (ptsp.Reconstruction's augment; default none): "
+                   "cutmix with --importance taylor keeps the most of a densenet")
     p.add_argument("--calib", help="calibration images: a folder (images or parquet) or a datasets name")
     p.add_argument("--num-samples", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")

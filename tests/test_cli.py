@@ -98,6 +98,7 @@ def test_groups_lists_unprunable(capsys):
     (["prune", *R18], "needs calibration images"),
     (["prune", *R18, "--method", "magnitude", "--importance", "taylor"], "reads gradients on calibration data"),
     (["prune", *R18, "--method", "magnitude", "--importance", "bogus"], "unknown importance"),
+    (["prune", *R18, "--method", "magnitude", "--augment", "cutmix"], "applies to the calibrated methods"),
     (["prune", "--model", "missing.safetensors"], "does not exist"),
     (["prune", "--model", str(DEMO_MODEL), "--pretrained"], "--pretrained applies to a timm name"),
     (["info", "missing.safetensors"], "does not exist"),
@@ -131,3 +132,24 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"keep me"
     main(["prune", *R18, "--method", "magnitude", "--output", str(out), "--overwrite"])
     assert isinstance(ptsp.load(out), torch.nn.Module)
+
+
+def test_prune_passes_augment_to_the_reconstruction(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["prune", "--num-samples", "64", "--eval-samples", "100", "--augment", "cutmix"])
+    assert "reloaded: identical outputs" in capsys.readouterr().out
+    plan = ptsp.plan_of(ptsp.load(tmp_path / "resnet10t-pruned.safetensors"))
+    assert plan["reconstruction"]["augment"] == "cutmix"
+
+
+def test_augment_choices_follow_the_reconstruction(capsys):
+    """The choices are listed by hand (``ptsp --help`` does not import torch): each must be one
+    ``ptsp.Reconstruction`` accepts, and a bogus one is refused with exactly this list."""
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text.split("--augment {")[1].split("}")[0].split(",")
+    for choice in listed:
+        assert ptsp.Reconstruction(augment=choice).augment == choice
+    with pytest.raises(ValueError, match=str(tuple(listed)).replace("(", r"\(").replace(")", r"\)")):
+        ptsp.Reconstruction(augment="bogus")
