@@ -129,12 +129,12 @@ def cmd_prune(args: argparse.Namespace) -> None:
     output = Path(args.output or f"{name}-pruned.safetensors")
     if output.exists() and not args.overwrite:
         raise CliError(f"{output} exists; pass --overwrite to replace it or --output elsewhere")
-    model = _model(args)
-    x = _inputs(model, args.device)
-    calib = None
     if args.method == "magnitude" and args.augment != "none":
         raise CliError("--augment remixes calibration batches: it applies to the calibrated methods, "
                        "not --method magnitude")
+    model = _model(args)
+    x = _inputs(model, args.device)
+    calib = None
     if args.method != "magnitude":
         if args.calib is None:
             raise CliError(f"--method {args.method} needs calibration images: pass --calib "

@@ -2,6 +2,8 @@
 with non-zero exit codes."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -151,5 +153,5 @@ def test_augment_choices_follow_the_reconstruction(capsys):
     listed = text.split("--augment {")[1].split("}")[0].split(",")
     for choice in listed:
         assert ptsp.Reconstruction(augment=choice).augment == choice
-    with pytest.raises(ValueError, match=str(tuple(listed)).replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(str(tuple(listed)))):
         ptsp.Reconstruction(augment="bogus")
