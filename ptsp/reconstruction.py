@@ -380,10 +380,14 @@ class _Hooks:
         self.outputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.inputs: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.terms: list[torch.Tensor] = []
-        # an accelerator's deferred terms: each layer's output, its difference from the teacher's
-        # and its divisor and gradient factor (see ``_defer``)
+        # an accelerator's deferred terms: each layer's output, the teacher's (and whether that
+        # copy is ours to overwrite), then their difference, and its divisor and gradient factor
+        # (see ``_defer``)
         self.deferred = device_of(student).type != "cpu"
+        # the CPU copies the teacher's recordings into buffers reused every step (see ``_keep``)
+        self.buffers = not self.deferred
         self.roots: list[torch.Tensor] = []
+        self.refs: list[tuple[torch.Tensor, bool]] = []
         self.diffs: list[torch.Tensor] = []
         self.norms: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.energy: _Norms = {}
@@ -431,9 +435,9 @@ class _Hooks:
         self.given = energy is not None
         self.energy = energy if energy is not None else collections.defaultdict(list)
         self.terms, self.calls = [], collections.Counter()
-        self.roots, self.diffs, self.norms = [], [], []
+        self.roots, self.refs, self.diffs, self.norms = [], [], [], []
         self.student(x)
-        if self.diffs:
+        if self.roots:
             return self._deferred_loss()
         terms, self.terms = self.terms, []
         return torch.stack(terms).sum() if terms else x.new_zeros((), requires_grad=True)
@@ -451,7 +455,20 @@ class _Hooks:
 
     def _deferred_loss(self) -> torch.Tensor:
         """The summed relative errors of the deferred layers, and their differences scaled into
-        the gradients: a handful of multi-tensor operations for all layers together."""
+        the gradients: a handful of multi-tensor operations for all layers together. The
+        differences are taken here as well, in place in the recordings that are ours: two
+        operations for all layers, where one per layer in the forward was a launch each."""
+        values = [root.detach() for root in self.roots]
+        self.diffs = [ref for ref, _ in self.refs]
+        mine = [i for i, (_, own) in enumerate(self.refs) if own]
+        theirs = [i for i, (_, own) in enumerate(self.refs) if not own]
+        if mine:
+            torch._foreach_sub_([self.diffs[i] for i in mine], [values[i] for i in mine])
+        if theirs:
+            for i, diff in zip(theirs, torch._foreach_sub([self.diffs[i] for i in theirs],
+                                                          [values[i] for i in theirs])):
+                self.diffs[i] = diff
+        self.refs = []
         norms = torch.stack([n for n, _ in self.norms])
         errors = torch.stack(torch._foreach_norm(self.diffs, dtype=torch.float32)).square_()
         torch._foreach_mul_(self.diffs, [scale for _, scale in self.norms])
@@ -515,7 +532,7 @@ class _Hooks:
         the copy (a resnet18 step at 224×224: 1.45× the bare passes without it, 1.2× with it);
         elsewhere the tensor is kept as it is, or copied if the forward will modify it. The
         buffers and copies are ours (the loss may overwrite them); ``owned`` lists them."""
-        if t.device.type != "cpu":
+        if not self.buffers:
             picked = _pick(t, sel)
             if mutated and picked is t:
                 picked = picked.clone()
@@ -561,17 +578,16 @@ class _Hooks:
 
     def _defer(self, name: str, out: torch.Tensor, picked: torch.Tensor, ref: torch.Tensor,
                norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-        """An accelerator's term: only the difference now (in the activations' precision, as the
-        gradient is), the rest for all layers at once after the forward (:meth:`_deferred_loss`,
-        which sums the squares in float32), and the gradient back-propagated from the layer
-        outputs themselves, with no autograd function per layer: there each operation is a kernel
-        launch, and the host time of the per-layer work outlasted the kernels (resnet50 on a GPU:
-        about 340 µs per layer and step, the bare passes about 40 ms a step). An output the
-        forward later modifies in place stays the root, and the forward goes on with a copy."""
-        value = picked.detach()
-        diff = ref.sub_(value) if id(ref) in self.owned else ref - value
+        """An accelerator's term: nothing computed now; the difference (in the activations'
+        precision, as the gradient is) and the rest for all layers at once after the forward
+        (:meth:`_deferred_loss`, which sums the squares in float32), and the gradient
+        back-propagated from the layer outputs themselves, with no autograd function per layer:
+        there each operation is a kernel launch, and the host time of the per-layer work
+        outlasted the kernels (resnet50 on a GPU: about 340 µs per layer and step, the bare passes
+        about 40 ms a step). An output the forward later modifies in place stays the root, and the
+        forward goes on with a copy."""
         self.roots.append(picked)
-        self.diffs.append(diff)
+        self.refs.append((ref, id(ref) in self.owned))
         self.norms.append(norm)
         return out.clone() if picked is out and (name, "out") in self.mutated else None
 

@@ -191,11 +191,13 @@ def test_loss_survives_in_place_ops_and_matches_the_formula():
 
 @pytest.mark.parametrize("select", [False, True])
 @pytest.mark.parametrize("amp", [False, True])
-def test_deferred_loss_is_the_per_layer_loss(select, amp):
-    """An accelerator's loss (each layer's difference in the forward, the rest for all layers at
-    once, the gradient back-propagated from the layer outputs) gives the per-layer loss and
-    gradient, with outputs modified in place, selected channels and bfloat16 autocast alike (run
-    here on the CPU, where it is not the default)."""
+@pytest.mark.parametrize("buffers", [False, True])
+def test_deferred_loss_is_the_per_layer_loss(select, amp, buffers):
+    """An accelerator's loss (the differences and the rest for all layers at once after the
+    forward, the gradient back-propagated from the layer outputs) gives the per-layer loss and
+    gradient, with outputs modified in place, selected channels and bfloat16 autocast alike, and
+    whether the teacher's recordings are our copies (overwritten by the differences) or its own
+    tensors, as an accelerator keeps them (run here on the CPU, where it is not the default)."""
     teacher, student = _teacher_and_student()
     x = torch.randn(3, 2, 5, 5)
     targets = {n: _Target() for n in ("conv", "bn", "conv2")}
@@ -204,7 +206,7 @@ def test_deferred_loss_is_the_per_layer_loss(select, amp):
     results = []
     for deferred in (False, True):
         with _Hooks(student, teacher, targets, feed=False, example=x[:1]) as hooks:
-            hooks.deferred = deferred
+            hooks.deferred, hooks.buffers = deferred, buffers or not deferred
             with torch.autocast("cpu", torch.bfloat16, enabled=amp):
                 loss = hooks.loss(x)
             hooks.backward(loss)
