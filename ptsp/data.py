@@ -133,6 +133,9 @@ def _as_dataset(source: Any, split: str) -> Any:
         import datasets
 
         path = os.fspath(source)
+        if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
+            # a hub name is "owner/name": a path like this one can only be a missing folder
+            raise ValueError(f"image source {path!r}: no such folder")
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"image source {path!r} is a file; pass a folder of images, "
                              "a datasets dataset or a tensor")

@@ -149,6 +149,8 @@ def test_bad_sources(tmp_path, grey_model):
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         calibration_loader(tmp_path / "x.txt", 2, model=grey_model)
+    with pytest.raises(ValueError, match="no such folder"):  # not taken for a hub name
+        calibration_loader(tmp_path / "missing", 2, model=grey_model)
     with pytest.raises(TypeError, match="iterable of batches"):
         read_batches(torch.randn(4, 3, 8, 8))
 
