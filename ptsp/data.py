@@ -132,8 +132,8 @@ def _as_dataset(source: Any, split: str) -> Any:
     if isinstance(source, (str, os.PathLike)):
         import datasets
 
-        path = os.fspath(source)
-        if not os.path.exists(path) and (os.path.isabs(path) or path.startswith((".", "~"))):
+        path = os.path.expanduser(os.fspath(source))
+        if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".")):
             # a hub name is "owner/name": a path like this one can only be a missing folder
             raise ValueError(f"image source {path!r}: no such folder")
         if os.path.exists(path) and not os.path.isdir(path):
