@@ -19,6 +19,7 @@ folder's ``reference.json``: a study of other reference models beside the main t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["model", "method", "level", "top1", "dense_top1", "flops", "flops_dense", "params",
           "params_dense", "seconds", "importance", "bn", "lr", "max_ratio", "samples"]
 METHODS = ("magnitude", "bn", "layerwise", "global", "psp")
+#: the FLOPs reductions measured by default
+LEVELS = [0.3, 0.5, 0.7]
 #: the settings each method's result depends on (``prune``'s max_ratio, ``Reconstruction`` fields):
 #: a row that ran with other values than today's defaults is measured again
 SETTINGS = {"magnitude": ("max_ratio",), "bn": ("max_ratio", "bn"),
@@ -128,8 +131,9 @@ def write_report(results: Path = RESULTS) -> None:
     # rows written before the calibration set size was recorded used the default, 512
     samples = " or ".join(sorted({r.get("samples") or "512" for r in rows if r["method"] != "magnitude"}))
     models = list(dict.fromkeys(r["model"] for r in rows))
-    command = COMMAND if results.resolve() == RESULTS else _study_command(results, models)
     levels = sorted({r["level"] for r in rows}, key=float)
+    meta = _trainings(results, models)
+    command = COMMAND if results.resolve() == RESULTS else _study_command(results, meta, rows, levels)
     lines = ["# Accuracy without retraining (Fashion-MNIST reference models)", "",
              f"Regenerate: `{command}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
              f"given FLOPs reduction; every calibrated method uses the same {samples} unlabeled "
@@ -139,11 +143,10 @@ def write_report(results: Path = RESULTS) -> None:
              "ratio `prune`'s (a run measures the rows it asks for again when a default they depend "
              "on changes; the other rows keep the settings they ran with); params kept is psp's.", ""]
     trained = []
-    for name in models:
-        meta = reference.metadata(name)
-        if meta.get("epochs"):
-            precision = meta.get("mixed_precision", "no")
-            trained.append(f"{name}: {meta['epochs']} epoch(s)"
+    for name, m in meta.items():
+        if m.get("epochs"):
+            precision = m.get("mixed_precision", "no")
+            trained.append(f"{name}: {m['epochs']} epoch(s)"
                            + (f" ({precision} mixed precision)" if precision != "no" else ""))
     if trained:
         lines += ["Reference training (`recipes/reference.py --epochs N`): " + ", ".join(trained)
@@ -175,18 +178,32 @@ def write_report(results: Path = RESULTS) -> None:
     _plot(rows, models, results / "accuracy.png")
 
 
-def _study_command(results: Path, models: list[str]) -> str:
+def _trainings(results: Path, models: list[str]) -> dict[str, dict[str, str]]:
+    """How each model's reference was trained, from the results folder's own record first: the
+    cache may hold another reference by now (or another study's)."""
+    record = results / "reference.json"
+    recorded = json.loads(record.read_text()) if record.exists() else {}
+    return {name: recorded.get(name) or reference.metadata(name) for name in models}
+
+
+def _study_command(results: Path, meta: dict[str, dict[str, str]], rows: list[dict],
+                   levels: list[str]) -> str:
     """The commands that regenerate a study folder: one per reference training (epochs and
-    precision), as its models may have been trained differently."""
+    precision), as its models may have been trained differently, with the levels, methods and
+    calibration size of its rows where they are not the defaults."""
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    sizes = {r.get("samples") or "512" for r in rows if r["method"] != "magnitude"}
+    extra = ((f" --levels {' '.join(levels)}" if [float(v) for v in levels] != LEVELS else "")
+             + (f" --methods {' '.join(methods)}" if methods != list(METHODS) else "")
+             + (f" --samples {sizes.pop()}" if len(sizes) == 1 and sizes != {"512"} else ""))
     runs: dict[tuple[str, str], list[str]] = {}
-    for name in models:
-        meta = reference.metadata(name)
-        runs.setdefault((meta.get("epochs", "?"), meta.get("mixed_precision", "no")), []).append(name)
+    for name, m in meta.items():
+        runs.setdefault((m.get("epochs", "?"), m.get("mixed_precision", "no")), []).append(name)
     folder = os.path.relpath(results.resolve(), RESULTS.parents[1])
     return "` then `".join(
         (f"accelerate launch --mixed_precision {precision} " if precision != "no" else "python ")
         + f"recipes/accuracy.py --models {' '.join(names)} --reference-epochs {epochs} "
-        f"--cache DIR --results {folder}"
+        f"--cache DIR --results {folder}{extra}"
         for (epochs, precision), names in runs.items())
 
 
@@ -214,7 +231,7 @@ def _plot(rows: list[dict], models: list[str], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(reference.MODELS), choices=list(reference.MODELS))
-    parser.add_argument("--levels", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    parser.add_argument("--levels", nargs="+", type=float, default=LEVELS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--report", action="store_true", help="only rewrite the table and plot")

@@ -364,7 +364,8 @@ def test_the_ablation_report_compares_with_the_defaults_row_and_keeps_old_rows(t
 
 def test_the_accuracy_report_of_another_results_folder_names_it(tmp_path, monkeypatch):
     """A study beside the main table (``--cache``/``--results``) writes its own table and plot, says
-    how to regenerate it, and marks the best method of each cell."""
+    how to regenerate it (with the levels and methods of its rows, not the defaults), and marks the
+    best method of each cell."""
     import accuracy
     import reference
     import table
@@ -379,7 +380,7 @@ def test_the_accuracy_report_of_another_results_folder_names_it(tmp_path, monkey
             "importance": "l2", "bn": "train+reestimate", "lr": "0.003", "max_ratio": "0.9"})
     accuracy.write_report(tmp_path)
     text = (tmp_path / "accuracy.md").read_text()
-    assert f"--results {os.path.relpath(tmp_path, ROOT)}`" in text
+    assert f"--results {os.path.relpath(tmp_path, ROOT)} --levels 0.5 --methods global psp`" in text
     assert "m: 8 epoch(s)" in text
     assert "| m | 93.74 | −50% FLOPs | – | – | – | 92.28 | **93.00** | -0.74 | l2 |" in text
     assert not (accuracy.RESULTS / "accuracy.md").read_text().count("93.74 | −50% FLOPs | – | – | – | 92.28")
