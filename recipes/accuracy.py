@@ -129,11 +129,12 @@ def write_report(results: Path = RESULTS) -> None:
     if not rows:
         return
     # rows written before the calibration set size was recorded used the default, 512
-    samples = " or ".join(sorted({r.get("samples") or "512" for r in rows if r["method"] != "magnitude"}))
+    sizes = {r.get("samples") or "512" for r in rows if r["method"] != "magnitude"}
+    samples = " or ".join(sorted(sizes))
     models = list(dict.fromkeys(r["model"] for r in rows))
     levels = sorted({r["level"] for r in rows}, key=float)
     meta = _trainings(results, models)
-    command = COMMAND if results.resolve() == RESULTS else _study_command(results, meta, rows, levels)
+    command = COMMAND if results.resolve() == RESULTS else _study_command(results, meta, rows, levels, sizes)
     lines = ["# Accuracy without retraining (Fashion-MNIST reference models)", "",
              f"Regenerate: `{command}` (CPU). Top-1 (%) on the 10k test images after pruning to the "
              f"given FLOPs reduction; every calibrated method uses the same {samples} unlabeled "
@@ -187,15 +188,14 @@ def _trainings(results: Path, models: list[str]) -> dict[str, dict[str, str]]:
 
 
 def _study_command(results: Path, meta: dict[str, dict[str, str]], rows: list[dict],
-                   levels: list[str]) -> str:
+                   levels: list[str], sizes: set[str]) -> str:
     """The commands that regenerate a study folder: one per reference training (epochs and
     precision), as its models may have been trained differently, with the levels, methods and
     calibration size of its rows where they are not the defaults."""
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    sizes = {r.get("samples") or "512" for r in rows if r["method"] != "magnitude"}
     extra = ((f" --levels {' '.join(levels)}" if [float(v) for v in levels] != LEVELS else "")
              + (f" --methods {' '.join(methods)}" if methods != list(METHODS) else "")
-             + (f" --samples {sizes.pop()}" if len(sizes) == 1 and sizes != {"512"} else ""))
+             + (f" --samples {next(iter(sizes))}" if len(sizes) == 1 and sizes != {"512"} else ""))
     runs: dict[tuple[str, str], list[str]] = {}
     for name, m in meta.items():
         runs.setdefault((m.get("epochs", "?"), m.get("mixed_precision", "no")), []).append(name)
