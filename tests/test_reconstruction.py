@@ -145,9 +145,10 @@ class _InPlace(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.bn, self.conv2 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu_(self.bn(self.conv(x)))
+        y = self.act(self.bn(self.conv(x)))
         z = self.conv2(y)
         z += y
         return z
@@ -205,11 +206,18 @@ def test_deferred_loss_is_the_per_layer_loss(select, amp, buffers):
         targets["bn"] = _Target(teacher_out=(1, torch.tensor([0, 2])), student_out=(1, torch.tensor([0, 2])))
     results = []
     for deferred in (False, True):
-        with _Hooks(student, teacher, targets, feed=False, example=x[:1]) as hooks:
-            hooks.deferred, hooks.buffers = deferred, buffers or not deferred
+        hooks = _Hooks(student, teacher, targets, feed=False, example=x[:1])
+        hooks.deferred, hooks.buffers = deferred, buffers or not deferred
+        with hooks:
+            # deferred, the student's in-place activation runs out of place: its norm's output
+            # is no longer modified in place, and needs no copy
+            assert student.act.inplace is not deferred
+            assert ("bn", "out") in hooks.mutated
+            assert ("bn", "out") not in hooks.student_mutated
             with torch.autocast("cpu", torch.bfloat16, enabled=amp):
                 loss = hooks.loss(x)
             hooks.backward(loss)
+        assert student.act.inplace
         results.append((loss.item(), [p.grad.clone() for p in student.parameters()]))
         student.zero_grad(set_to_none=True)
     (want, want_grads), (got, got_grads) = results
