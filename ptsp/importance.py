@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .groups import Group
+from .modes import gradient_modes
 
 Importance = Callable[[Group, Mapping[str, torch.Tensor]], np.ndarray]
 
@@ -120,11 +121,12 @@ def scores(groups, model: nn.Module, criterion: str = "l2",
 def taylor_scores(groups, model: nn.Module, batches: Iterable[torch.Tensor],
                   micro_batch: int | None = None) -> np.ndarray:
     """:func:`taylor` summed over the calibration batches (one forward and backward pass over
-    them, on a copy of ``model`` in eval mode), unnormalised.
+    them, on a copy of ``model`` in :func:`~ptsp.modes.gradient_modes`), unnormalised.
 
     L is the cross-entropy of the model's logits against its own top-1 predictions, so no labels
     are needed; ``micro_batch`` splits each batch (same gradient, less memory)."""
-    work = copy.deepcopy(model).eval().requires_grad_(True)
+    work = copy.deepcopy(model).requires_grad_(True)
+    gradient_modes(work)
     params = dict(work.named_parameters())
     device = next(iter(params.values())).device
     prunable = [g for g in groups if g.prunable]

@@ -18,8 +18,9 @@ from .counting import Estimator, count
 from .data import read_batches
 from .groups import Groups, build_groups
 from .importance import DATA_IMPORTANCE, IMPORTANCE, scores
-from .reconstruction import (Reconstruction, device_of, doomed_masks, eval_mode, join_single_images,
-                             phase1, phase2, reestimate_bn)
+from .modes import eval_mode
+from .reconstruction import (Reconstruction, device_of, doomed_masks, join_single_images, phase1,
+                             phase2, reestimate_bn)
 from .selection import TARGETS, select
 from .surgery import Kept, apply, compose, kept_indices, kept_statistics
 

@@ -19,7 +19,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .groups import Groups
+from .modes import eval_mode, gradient_modes
 from .surgery import Kept, broadcast_mask
 
 #: the layers whose outputs the holistic loss matches
@@ -295,8 +296,8 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
     remix = settings.augment != "none"
     generator = torch.Generator().manual_seed(0)
     train_bn = settings.bn.startswith("train")
-    _set_modes(student, train_bn)
-    _set_modes(teacher, train_bn)
+    gradient_modes(student, train_bn)
+    gradient_modes(teacher, train_bn)
     param_groups = _param_groups(student, batches[0][:1].to(device), settings.lr, balanced,
                                  settings.order)
     optimiser = _Adam(param_groups)
@@ -866,26 +867,6 @@ class _Adam:
         torch._foreach_add_(denominators, self.eps)
         torch._foreach_addcdiv_(params, firsts, denominators,
                                 [-(self.lrs[i] / (1 - beta1 ** self.steps[i])) for i in live])
-
-
-def _set_modes(model: nn.Module, train_bn: bool) -> None:
-    model.eval()
-    if train_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode inside the block, each module's own mode restored after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

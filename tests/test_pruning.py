@@ -120,3 +120,24 @@ def test_auto_importance_keeps_the_least_distorting_plan():
     assert ptsp.plan_of(chosen)["kept"] == plan["kept"]
     features = nn.Sequential(*list(model.children())[:-2])  # no pooling or classifier: 4-D output
     assert ptsp.plan_of(ptsp.prune(features, [x], 0.5, method="bn", reconstruction=quiet))["importance"] == "l2"
+
+
+@pytest.mark.parametrize("method", ["psp", "layerwise"])
+def test_calibrated_methods_on_a_model_that_caches_in_eval_mode(method):
+    """levit caches its attention biases in eval mode: Taylor importance and the reconstruction
+    take gradients through it (each failed on its second backward), and psp tunes the biases
+    (layer-wise cannot: each layer is fed the teacher's input, past the biases)."""
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", num_classes=10).eval()
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        model(x)  # caches filled, as in a model the user has run
+    settings = ptsp.Reconstruction(phase1_passes=1, phase2_passes=1, progress=False)
+    pruned = ptsp.prune(model, [x[:2], x[2:]], 0.3, method=method, importance="taylor",
+                        reconstruction=settings)
+    out = pruned(x)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    biases = [(n, p) for n, p in pruned.named_parameters() if n.endswith("attention_biases")]
+    original = dict(model.named_parameters())
+    tuned = [not torch.equal(p, original[n]) for n, p in biases if p.shape == original[n].shape]
+    assert tuned and any(tuned) is (method == "psp")
