@@ -148,7 +148,7 @@ class DHSPG(torch.optim.Optimizer):
             for g in self.groups:
                 owner[g.ids] = g.index
             self._group_of = owner[self.channels]  # each candidate's ptsp group
-            self._estimator = Estimator(model, self.groups)
+            self._estimator = Estimator(model, self.groups, inputs)
             most = _pick(self.parts, np.arange(self.num_groups), np.zeros(self.num_groups, dtype=bool),
                          self.num_groups)
             if not self._meets_flops(most):

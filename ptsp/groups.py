@@ -20,8 +20,8 @@ from .tracing import Context, Value, export, shape_of
 
 #: ops whose FLOPs torch.utils.flop_counter counts (after decomposition); recorded for estimates
 FLOP_OPS = {ops.aten.conv1d, ops.aten.conv2d, ops.aten.conv3d, ops.aten.convolution,
-            ops.aten.linear, ops.aten.matmul, ops.aten.mm, ops.aten.bmm, ops.aten.addmm,
-            ops.aten.baddbmm, ops.aten.scaled_dot_product_attention, ops.aten.einsum}
+            ops.aten._convolution, ops.aten.linear, ops.aten.matmul, ops.aten.mm, ops.aten.bmm,
+            ops.aten.addmm, ops.aten.baddbmm, ops.aten.scaled_dot_product_attention, ops.aten.einsum}
 
 
 @dataclasses.dataclass

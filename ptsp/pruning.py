@@ -124,7 +124,7 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
     with clock("groups"):
         groups = build_groups(model, inputs)
     skip = _ignored_groups(model, groups, ignored_layers)
-    estimator = Estimator(model, groups)
+    estimator = Estimator(model, groups, inputs)
 
     def plan_for(source: nn.Module, criterion: str) -> Callable[[set[int]], np.ndarray]:
         with clock("importance"):

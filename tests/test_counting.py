@@ -30,3 +30,38 @@ def test_count_leaves_mode():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3)).train()
     params, flops = count(model, torch.randn(2, 4))
     assert params == 15 and flops == 2 * 2 * 4 * 3 and model.training
+
+
+class _WithTransposedConv(torch.nn.Module):
+    """A transposed convolution (no channel rule: its channels stay) between prunable convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(16, 16, 2, stride=2)
+        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.up(self.conv1(x)).relu()).relu())
+
+
+def test_estimator_counts_the_ops_the_trace_cannot_prune():
+    """The FLOPs of an op without a channel rule are counted (as a constant, its channels being
+    left unpruned), so a FLOPs target holds on the measured count."""
+    torch.manual_seed(0)
+    model = _WithTransposedConv().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.warns(UserWarning, match="no channel rule"):
+        groups = ptsp.build_groups(model, x)
+    est = Estimator(model, groups, x)
+    assert est.unmodelled > 0 and (est.params_before, est.flops_before) == count(model, x)
+    removed = select(groups, normalised_scores(groups, dict(model.named_parameters())), 0.5)
+    assert removed.any()
+    pruned = apply(__import__("copy").deepcopy(model), kept_indices(groups, removed))
+    assert (est.params(removed), est.flops(removed)) == count(pruned, x)
+    with pytest.warns(UserWarning, match="no channel rule"):
+        pruned = ptsp.prune(model, None, 0.4, method="magnitude", target="flops", example_inputs=x)
+    flops = ptsp.plan_of(pruned)["flops"]
+    assert flops["before"] == count(model, x)[1] and flops["after"] == count(pruned, x)[1]
+    assert 0.55 <= flops["after"] / flops["before"] <= 0.6
