@@ -438,3 +438,16 @@ def test_train_on_a_datasets_folder(tmp_path):
     assert result["steps"] == 2 and model.num_classes == 10
     x = torch.randn(2, 3, 224, 224)
     assert model(x).shape == (2, 10)
+
+
+def test_the_calibrated_sweep_tells_a_pass_from_a_refusal(monkeypatch):
+    import calibrated
+    import coverage
+
+    row = calibrated.run_one("resnet10t")
+    assert row["status"] == "pass" and row["importance"] in ptsp.pruning.AUTO
+    assert 1 - calibrated.RATIO - 0.01 <= row["flops_kept"] <= 1 - calibrated.RATIO + 0.005
+    x = torch.randn(2, 8)
+    monkeypatch.setattr(coverage, "create", lambda name: (nn.Linear(8, 3), x, {}))  # nothing prunable
+    row = calibrated.run_one("linear")
+    assert row["status"] == "refused" and "no prunable channels" in row["notes"]
