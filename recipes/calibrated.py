@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 import traceback
@@ -77,13 +78,13 @@ def run_one(name: str) -> dict:
         return {**row, "status": "error", "notes": _error(exc)}
     plan = ptsp.plan_of(pruned)
     kept = plan["flops"]["after"] / plan["flops"]["before"]
-    losses = [(plan["report"].get(p) or {}).get("loss") or [float("nan")] for p in ("phase1", "phase2")]
+    losses = {p: plan["report"][p]["loss"][-1] for p in ("phase1", "phase2") if p in plan["report"]}
     good = (isinstance(out, torch.Tensor) and out.shape == ref.shape and bool(torch.isfinite(out).all())
-            and kept <= 1 - RATIO + 0.005 and all(torch.isfinite(torch.tensor(l[-1])) for l in losses))
+            and kept <= 1 - RATIO + 0.005 and all(map(math.isfinite, losses.values())))
     notes = sorted({str(w.message).split("(")[0].strip() for w in caught if "ptsp" in str(w.message)})
     return {**row, "status": "pass" if good else "bad", "importance": plan["importance"],
-            "flops_kept": round(kept, 4), "phase1_loss": f"{losses[0][-1]:.4g}",
-            "phase2_loss": f"{losses[1][-1]:.4g}", "notes": "; ".join(notes)[:300]}
+            "flops_kept": round(kept, 4), **{f"{p}_loss": f"{v:.4g}" for p, v in losses.items()},
+            "notes": "; ".join(notes)[:300]}
 
 
 def _error(exc: BaseException) -> str:
