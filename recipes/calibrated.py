@@ -108,11 +108,8 @@ def write_report(rows: list[dict], command: str) -> str:
              "unpruned).", "", summary, ""]
     bad = [r for r in rows if r["status"] != "pass"]
     if bad:
-        lines += ["## Not passing", "", "| model | status | reason |", "|---|---|---|"]
-        lines += [f"| {r['model']} | {r['status']} | {r.get('notes', '').replace('|', '/')} |" for r in bad]
-        lines.append("")
-    lines += ["## All families", "", "| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    lines += ["| " + " | ".join(str(r.get(k, "")).replace("|", "/") for k in FIELDS) + " |" for r in rows]
+        lines += ["## Not passing", ""] + coverage.reasons(bad, "notes") + [""]
+    lines += ["## All families", ""] + coverage.table(rows, FIELDS)
     (RESULTS / "calibrated.md").write_text("\n".join(lines) + "\n")
     return summary
 

@@ -232,6 +232,17 @@ def run_pool(todo: list[str], workers: int, timeout: float, job=run_one):
         p.join(5)
 
 
+def table(rows: list[dict], fields: list[str]) -> list[str]:
+    """The markdown lines of a table of ``rows`` over ``fields`` (a "|" in a value shown as "/")."""
+    return (["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+            + ["| " + " | ".join(str(r.get(k, "")).replace("|", "/") for k in fields) + " |" for r in rows])
+
+
+def reasons(rows: list[dict], key: str) -> list[str]:
+    """A table of ``rows``' model, status and reason (their ``key``), as every report lists failures."""
+    return table([{**r, "reason": r.get(key, "")} for r in rows], ["model", "status", "reason"])
+
+
 def write_markdown(rows: list[dict], planned: int, path: Path) -> str:
     n = len(rows)
     by = {k: [r for r in rows if r["status"] == k] for k in ("pass", "corrupt", "error", "timeout", "skip")}
@@ -268,12 +279,8 @@ def write_markdown(rows: list[dict], planned: int, path: Path) -> str:
     for title, key in (("Failures", ("corrupt", "error", "timeout")), ("Skipped", ("skip",))):
         bad = [r for r in rows if r["status"] in key]
         if bad:
-            lines += [f"## {title}", "", "| model | status | reason |", "|---|---|---|"]
-            lines += [f"| {r['model']} | {r['status']} | {str(r.get('error', '')).replace('|', '/')} |" for r in bad]
-            lines.append("")
-    lines += ["## All models", "", "| " + " | ".join(FIELDS[:-1]) + " |", "|" + "---|" * (len(FIELDS) - 1)]
-    for r in rows:
-        lines.append("| " + " | ".join(str(r.get(k, "")) for k in FIELDS[:-1]) + " |")
+            lines += [f"## {title}", ""] + reasons(bad, "error") + [""]
+    lines += ["## All models", ""] + table(rows, FIELDS[:-1])
     path.write_text("\n".join(lines) + "\n")
     return summary
 

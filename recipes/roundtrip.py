@@ -102,11 +102,8 @@ def write_report(rows: list[dict]) -> str:
              "data-free at 50% of prunable channels.", "", summary, ""]
     bad = [r for r in rows if r["status"] != "pass"]
     if bad:
-        lines += ["## Failures", "", "| model | status | reason |", "|---|---|---|"]
-        lines += [f"| {r['model']} | {r['status']} | {r.get('error', '').replace('|', '/')} |" for r in bad]
-        lines.append("")
-    lines += ["## All models", "", "| " + " | ".join(FIELDS[:-1]) + " |", "|" + "---|" * (len(FIELDS) - 1)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in FIELDS[:-1]) + " |" for r in rows]
+        lines += ["## Failures", ""] + coverage.reasons(bad, "error") + [""]
+    lines += ["## All models", ""] + coverage.table(rows, FIELDS[:-1])
     (RESULTS / "roundtrip.md").write_text("\n".join(lines) + "\n")
     return summary
 
