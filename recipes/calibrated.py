@@ -73,9 +73,9 @@ def run_one(name: str) -> dict:
             out, ref = pruned(x), model(x)
     except ValueError as exc:  # ptsp's own refusal (too few prunable channels): the message is the result
         ours = Path(traceback.extract_tb(exc.__traceback__)[-1].filename).parent.name == "ptsp"
-        return {**row, "status": "refused" if ours else "error", "notes": _error(exc)}
+        return {**row, "status": "refused" if ours else "error", "notes": coverage.error_text(exc)}
     except Exception as exc:
-        return {**row, "status": "error", "notes": _error(exc)}
+        return {**row, "status": "error", "notes": coverage.error_text(exc)}
     plan = ptsp.plan_of(pruned)
     kept = plan["flops"]["after"] / plan["flops"]["before"]
     losses = {p: plan["report"][p]["loss"][-1] for p in ("phase1", "phase2") if p in plan["report"]}
@@ -85,12 +85,6 @@ def run_one(name: str) -> dict:
     return {**row, "status": "pass" if good else "bad", "importance": plan["importance"],
             "flops_kept": round(kept, 4), **{f"{p}_loss": f"{v:.4g}" for p, v in losses.items()},
             "notes": "; ".join(notes)[:300]}
-
-
-def _error(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)[-1]
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text} [{Path(tb.filename).name}:{tb.lineno}]"[:300]
 
 
 def write_report(rows: list[dict], command: str) -> str:

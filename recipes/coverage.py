@@ -135,10 +135,15 @@ def run_one(name: str) -> dict:
         row["status"] = "pass" if err <= EXACT_TOL else "corrupt"
     except Exception as exc:
         row["status"] = "error"
-        tb = traceback.extract_tb(exc.__traceback__)[-1]
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} " \
-                       f"[{Path(tb.filename).name}:{tb.lineno}]"[:300]
+        row["error"] = error_text(exc)
     return row
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception in one line: type, first line of its message, and where it was raised."""
+    tb = traceback.extract_tb(exc.__traceback__)[-1]
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text} [{Path(tb.filename).name}:{tb.lineno}]"[:300]
 
 
 def _worker(conn, job) -> None:

@@ -17,7 +17,6 @@ import csv
 import os
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 import coverage
@@ -26,12 +25,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CSV = RESULTS / "roundtrip.csv"
 FIELDS = ["model", "status", "input", "params_m", "file_mb", "load_s", "error"]
 WORK = Path(os.environ.get("PTSP_ROUNDTRIP_DIR", Path(tempfile.gettempdir()) / "ptsp-roundtrip"))
-
-
-def _error(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)[-1]
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text} [{Path(tb.filename).name}:{tb.lineno}]"[:300]
 
 
 def save_one(name: str) -> dict:
@@ -53,7 +46,7 @@ def save_one(name: str) -> dict:
         with torch.no_grad():
             torch.save({"x": x, "y": pruned(x)}, WORK / f"{name}.pt")
     except Exception as exc:
-        return {"model": name, "status": "error", "error": "save: " + _error(exc)}
+        return {"model": name, "status": "error", "error": "save: " + coverage.error_text(exc)}
     return {"model": name, "status": "saved", "input": "x".join(map(str, x.shape[1:])),
             "params_m": round(sum(p.numel() for p in pruned.parameters()) / 1e6, 2),
             "file_mb": round(path.stat().st_size / 1e6, 2)}
@@ -75,7 +68,7 @@ def load_one(name: str) -> dict:
         with torch.no_grad():
             y = model(ref["x"])
     except Exception as exc:
-        return {"model": name, "status": "error", "error": "load: " + _error(exc)}
+        return {"model": name, "status": "error", "error": "load: " + coverage.error_text(exc)}
     same = isinstance(y, torch.Tensor) and y.shape == ref["y"].shape and torch.equal(y, ref["y"])
     error = "" if same else f"max abs difference {(y - ref['y']).abs().max().item():.3g}"
     return {"model": name, "status": "pass" if same else "differ", "load_s": round(seconds, 3),
