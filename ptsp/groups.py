@@ -270,6 +270,14 @@ def _make_groups(ctx: Context, trace, sites: list, touched: dict) -> Groups:
                         reasons.setdefault(g, set()).add(f"channel dim split or sliced at {where}")
                     changed = True
                     blocked = group_blocked()
+        for pieces, where in ctx.even:
+            uneven = _uneven(pieces, lut, uf, group_of, sizes, blocked)
+            if uneven.size:
+                pinned[uneven] = True
+                for g in np.unique(group_of[uneven]).tolist():
+                    reasons.setdefault(g, set()).add(f"channel dim chunked unevenly at {where}")
+                changed = True
+                blocked = group_blocked()
     blocked = group_blocked()
     norm = np.zeros(n, dtype=bool)
     for r in ctx.norm_crossing:
@@ -320,17 +328,34 @@ def _site_arg(v: Any, ctx: Context, lut: _Lut) -> Any:
 
 def _size_invariant(ids: np.ndarray, axis: int, group_of: np.ndarray, sizes: np.ndarray,
                     blocked: np.ndarray) -> bool:
-    """Every slice along ``axis`` keeps at least one channel whatever is pruned: it holds a channel
-    that is never removed, or all channels of one group (which always keeps one)."""
-    for i in range(ids.shape[axis]):
-        sl = np.unique(np.take(ids, i, axis=axis))
-        if (sl < 0).any():
-            continue
-        groups, counts = np.unique(group_of[sl], return_counts=True)
-        if blocked[groups].any() or (counts == sizes[groups]).any():
-            continue
-        return False
-    return True
+    """Every slice along ``axis`` keeps at least one channel whatever is pruned."""
+    return all(_keeps_one(np.take(ids, i, axis=axis), group_of, sizes, blocked)
+               for i in range(ids.shape[axis]))
+
+
+def _keeps_one(ids: np.ndarray, group_of: np.ndarray, sizes: np.ndarray, blocked: np.ndarray) -> bool:
+    """``ids`` hold a channel that is never removed, or all channels of one group (which always
+    keeps one)."""
+    sl = np.unique(ids)
+    if (sl < 0).any():
+        return True
+    groups, counts = np.unique(group_of[sl], return_counts=True)
+    return bool(blocked[groups].any() or (counts == sizes[groups]).any())
+
+
+def _uneven(pieces: list[np.ndarray], lut: "_Lut", uf, group_of: np.ndarray, sizes: np.ndarray,
+            blocked: np.ndarray) -> np.ndarray:
+    """The removable channels that would leave the ``pieces`` of a chunked dim unequal (held more
+    often in one piece than in another), or every removable one if a piece could empty."""
+    ids = [lut(uf.roots(p)) for p in pieces]
+    if not all(_keeps_one(p, group_of, sizes, blocked) for p in ids):
+        live = np.unique(np.concatenate(ids))
+    else:
+        n = len(group_of)
+        counts = np.stack([np.bincount(p[p >= 0], minlength=n) for p in ids])
+        live = np.flatnonzero((counts != counts[:1]).any(axis=0))
+    live = live[live >= 0]
+    return live[~blocked[group_of[live]]]
 
 
 def _check_separable(m, ids: np.ndarray, pinned: np.ndarray, reasons: dict, group_of: np.ndarray) -> None:

@@ -578,12 +578,16 @@ def permute(ctx: Context, a: dict, out: Any) -> Value:
     return Value(tuple(out), _shift(_comps(ctx, x), lambda d: inv[d]))
 
 
-def _slice_out(ctx: Context, x: Value, dim: int, index: Any, keep_dim: bool, shape: Any) -> Value:
+def _slice_out(ctx: Context, x: Value, dim: int, index: Any, keep_dim: bool, shape: Any,
+               even: bool = False) -> Value:
+    """The selected ``index`` of ``dim``; the dim's size must not change unless ``even`` (a
+    channel-only component whose even split the caller requires instead)."""
     comps = []
     for c in _comps(ctx, x):
         if dim in c.dims:
             ax = c.dims.index(dim)
-            ctx.require_invariant(c.atoms, ax)
+            if not (even and c.dims == (dim,)):
+                ctx.require_invariant(c.atoms, ax)
             atoms = np.take(c.atoms, index, axis=ax)
             dims = c.dims if keep_dim else tuple(d for d in c.dims if d != dim)
             c = Comp(dims, atoms)
@@ -617,10 +621,18 @@ def slice_(ctx: Context, a: dict, out: Any) -> Value:
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
 def split(ctx: Context, a: dict, out: Any) -> list[Value]:
+    """Fixed split sizes keep the split dim's size. ``chunk`` into equal parts splits by the size
+    it finds, so channels may go if every part loses as many (a gated MLP's value and gate halves,
+    coupled element by element, lose the same channels)."""
     x = a["self"]
     dim = a.get("dim", 0) % len(x.shape)
     starts = np.cumsum([0] + [shape[dim] for shape in out])
-    return [_slice_out(ctx, x, dim, np.arange(starts[i], starts[i + 1]), True, shape)
+    even = len(out) == a.get("chunks") and len({shape[dim] for shape in out}) == 1
+    if even:
+        for c in _comps(ctx, x):
+            if c.dims == (dim,):
+                ctx.require_even([c.atoms[starts[i]:starts[i + 1]] for i in range(len(out))])
+    return [_slice_out(ctx, x, dim, np.arange(starts[i], starts[i + 1]), True, shape, even)
             for i, shape in enumerate(out)]
 
 

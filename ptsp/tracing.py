@@ -116,6 +116,7 @@ class Context:
         self.pins: dict[int, set[str]] = {}  # root -> reasons
         self.norm_crossing: set[int] = set()  # roots whose channels are normalised together
         self.invariant: list[tuple[np.ndarray, int, str]] = []  # (atoms, axis, where): size must not change
+        self.even: list[tuple[list[np.ndarray], str]] = []  # (pieces, where): each must lose alike
         self.rigid_tensors: dict[str, str] = {}  # parameter/buffer -> why its shape must not change
         self.unknown_ops: dict[str, int] = {}
         self.param_comps: dict[str, list[Comp]] = {}
@@ -156,6 +157,11 @@ class Context:
     def require_invariant(self, atoms: np.ndarray, axis: int) -> None:
         """Record that the size of ``atoms``' axis must not change (checked once groups exist)."""
         self.invariant.append((atoms, axis, self.where()))
+
+    def require_even(self, pieces: list[np.ndarray]) -> None:
+        """Record that the channel ``pieces`` of one dim, split into equal parts by their count at
+        run time (``chunk``), must each lose as many channels (checked once groups exist)."""
+        self.even.append((pieces, self.where()))
 
     def where(self) -> str:
         if self.node is None:

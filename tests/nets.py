@@ -143,6 +143,23 @@ class Heads(nn.Module):
         return self.head(x[:, 0])
 
 
+class Gated(nn.Module):
+    """A gated MLP as timm's GluMlp (eva02, SwiGLU-packed ViTs): one linear makes the value and
+    the gate halves, ``chunk`` parts them, and their product feeds the next linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.fc1, self.fc2 = nn.Linear(16, 2 * 24), nn.Linear(24, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        value, gate = self.fc1(x).chunk(2, dim=-1)
+        x = x + self.fc2(value * F.silu(gate))
+        return self.head(x.mean(1))
+
+
 class PixelShuffle(nn.Module):
     """An op with no channel rule (pixel_shuffle moves channels into space)."""
 
@@ -189,7 +206,7 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, PixelShuffle, SharedModule)}
+                                      Tokens, Heads, Gated, PixelShuffle, SharedModule)}
 
 
 class SmallCNN(nn.Module):

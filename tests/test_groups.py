@@ -89,8 +89,20 @@ def test_concat_offsets_and_chunk_pins():
     assert consumer.dims == (1,) and consumer.channel.shape == (20,)
     a_ids = next(m for m in g.members if m.tensor == "a.weight" and m.dims == (0,)).channel
     assert np.array_equal(consumer.channel[:8], a_ids)
+    # its halves go different ways, so pruning one channel would move the other half's start
     chunked = by_tensor(groups, "c.weight")
-    assert not chunked.prunable and any("split or sliced" in r for r in chunked.reasons)
+    assert not chunked.prunable and any("chunked unevenly" in r for r in chunked.reasons)
+
+
+def test_gated_halves_go_together():
+    """chunk(2) of a gated MLP: value channel i and gate channel i are one channel of fc1's two
+    rows, so both halves lose alike and chunk still parts them at run time."""
+    model = NETS["Gated"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "fc2.weight", dim=1)
+    rows = next(m for m in g.members if m.tensor == "fc1.weight")
+    assert g.prunable and g.channels == 24
+    assert np.array_equal(rows.channel, np.concatenate([g.ids, g.ids]))
 
 
 def test_flatten_expands_channels_to_features():
@@ -178,6 +190,7 @@ TIMM_MODELS = {
     "hrnet_w18_small": ({}, 64), "poolformer_s12": ({}, 64), "mobilevit_xxs": ({}, 64),
     "edgenext_xx_small": ({}, 64), "pit_ti_224": ({}, 224), "gernet_s": ({}, 64),
     "selecsls42b": ({}, 64), "ese_vovnet19b_dw": ({}, 64), "efficientformer_l1": ({}, 224),
+    "eva02_tiny_patch14_224": ({"img_size": 56}, 56),
 }
 
 
