@@ -144,7 +144,7 @@ class Heads(nn.Module):
 
 
 class Gated(nn.Module):
-    """A gated MLP as timm's GluMlp (eva02, SwiGLU-packed ViTs): one linear makes the value and
+    """A gated MLP as timm's GluMlp (eva02, gMixer): one linear makes the value and
     the gate halves, ``chunk`` parts them, and their product feeds the next linear."""
 
     def __init__(self) -> None:
