@@ -56,7 +56,8 @@ class Group:
         norm = ", crosses a channel normalisation" if self.norm_crossing else ""
         lines = [f"Group {self.index}: {self.channels} channels, {state}{norm}"]
         for m in self.members:
-            per = m.channel.size // max(1, len(np.unique(m.channel)))
+            held = m.channel[m.channel >= 0]
+            per = held.size // max(1, len(np.unique(held)))
             dims = ",".join(map(str, m.dims))
             lines.append(f"  {m.tensor} [dim {dims}] {m.role}" + (f" (x{per} per channel)" if per > 1 else ""))
         return "\n".join(lines)
@@ -287,12 +288,21 @@ def _make_groups(ctx: Context, trace, sites: list, touched: dict) -> Groups:
     for m, roots in members:
         ch = lut(roots)
         slices.setdefault(int(group_of[ch.ravel()[0]]), []).append(Slice(m.tensor, m.dims, ch, m.role))
+    for tensor, pieces in ctx.split_sizes:  # a slice per part and group: each part keeps a channel
+        parts = [lut(uf.roots(p)) for p in pieces]
+        starts = np.cumsum([0] + [len(p) for p in parts])
+        for part, start in zip(parts, starts):
+            for gi in np.unique(group_of[part[part >= 0]]).tolist():
+                ch = np.full(starts[-1], -1, dtype=np.int64)
+                ch[start:start + len(part)] = np.where((part >= 0) & (group_of[part] == gi), part, -1)
+                slices.setdefault(gi, []).append(Slice(tensor, (0,), ch, "split"))
     groups = []
     for gi, rs in enumerate(group_roots):
         ids = np.array([gid[r] for r in sorted(rs, key=order.__getitem__)], dtype=np.int64)
         why = sorted(reasons.get(gi, ()))
         groups.append(Group(gi, ids, slices.get(gi, []), not blocked[gi], why, bool(norm[ids].any())))
     shapes = {name: tuple(t.shape) for name, t in _named_tensors(trace.modules[""])}
+    shapes.update({tensor: (sum(len(p) for p in pieces),) for tensor, pieces in ctx.split_sizes})
     flop_sites = [FlopSite(t, {k: _site_arg(v, ctx, lut) for k, v in a.items()}) for t, a in sites]
     by_module = {}
     for path, arrays in touched.items():

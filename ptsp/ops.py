@@ -579,14 +579,14 @@ def permute(ctx: Context, a: dict, out: Any) -> Value:
 
 
 def _slice_out(ctx: Context, x: Value, dim: int, index: Any, keep_dim: bool, shape: Any,
-               even: bool = False) -> Value:
-    """The selected ``index`` of ``dim``; the dim's size must not change unless ``even`` (a
-    channel-only component whose even split the caller requires instead)."""
+               free: bool = False) -> Value:
+    """The selected ``index`` of ``dim``; the dim's size must not change unless ``free`` (a
+    channel-only component whose split the caller constrains instead)."""
     comps = []
     for c in _comps(ctx, x):
         if dim in c.dims:
             ax = c.dims.index(dim)
-            if not (even and c.dims == (dim,)):
+            if not (free and c.dims == (dim,)):
                 ctx.require_invariant(c.atoms, ax)
             atoms = np.take(c.atoms, index, axis=ax)
             dims = c.dims if keep_dim else tuple(d for d in c.dims if d != dim)
@@ -621,19 +621,39 @@ def slice_(ctx: Context, a: dict, out: Any) -> Value:
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
 def split(ctx: Context, a: dict, out: Any) -> list[Value]:
-    """Fixed split sizes keep the split dim's size. ``chunk`` into equal parts splits by the size
-    it finds, so channels may go if every part loses as many (a gated MLP's value and gate halves,
-    coupled element by element, lose the same channels)."""
+    """Split sizes fixed in the code keep the split dim's size. ``chunk`` into equal parts splits
+    by the size it finds, so channels may go if every part loses as many (a gated MLP's value and
+    gate halves, coupled element by element, lose the same channels). Sizes read from a module
+    attribute (timm's ``MixedConv2d.splits``) may change too: surgery rewrites the attribute."""
     x = a["self"]
     dim = a.get("dim", 0) % len(x.shape)
-    starts = np.cumsum([0] + [shape[dim] for shape in out])
-    even = len(out) == a.get("chunks") and len({shape[dim] for shape in out}) == 1
-    if even:
-        for c in _comps(ctx, x):
-            if c.dims == (dim,):
-                ctx.require_even([c.atoms[starts[i]:starts[i + 1]] for i in range(len(out))])
-    return [_slice_out(ctx, x, dim, np.arange(starts[i], starts[i + 1]), True, shape, even)
+    sizes = [shape[dim] for shape in out]
+    starts = np.cumsum([0] + sizes)
+    even = len(out) == a.get("chunks") and len(set(sizes)) == 1
+    attribute = None if even else _sizes_attribute(ctx, sizes)
+    free = even or attribute is not None
+    for c in _comps(ctx, x) if free else ():
+        if c.dims == (dim,):
+            pieces = [c.atoms[starts[i]:starts[i + 1]] for i in range(len(out))]
+            if even:
+                ctx.require_even(pieces)
+            else:
+                ctx.require_split_sizes(attribute, pieces)
+    return [_slice_out(ctx, x, dim, np.arange(starts[i], starts[i + 1]), True, shape, free)
             for i, shape in enumerate(out)]
+
+
+def _sizes_attribute(ctx: Context, sizes: list[int]) -> str | None:
+    """"path.name" of the attribute of the splitting module that holds exactly these sizes."""
+    module = ctx.module()
+    if module is None or len(sizes) < 2:
+        return None
+    for name, value in vars(module).items():
+        if isinstance(value, (list, tuple)) and list(value) == sizes \
+                and all(type(v) is int for v in value):
+            path = ctx.module_path()
+            return f"{path}.{name}" if path else name
+    return None
 
 
 @rule(aten.unbind)

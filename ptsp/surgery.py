@@ -67,7 +67,8 @@ def compose(first: dict, then: dict) -> dict:
 
 
 def apply(model: nn.Module, kept: Kept) -> nn.Module:
-    """Index ``model``'s tensors in place to the kept slices, then resync module attributes.
+    """Index ``model``'s tensors in place to the kept slices, then resync module attributes (a
+    split-sizes attribute in ``kept`` is set to the number of kept positions in each part).
 
     A tensor shared by several modules (tied weights) is replaced everywhere it is used."""
     users: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -79,6 +80,12 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
         module = model.get_submodule(path)
         for name, dims in tensors.items():
             old = getattr(module, name)
+            if isinstance(old, (list, tuple)):  # a split's sizes (role "split"): what each part keeps
+                kept_at = np.asarray(next(iter(dims.values())))
+                ends = np.cumsum(old)
+                setattr(module, name, type(old)(
+                    int(n) for n in np.diff(np.searchsorted(kept_at, ends), prepend=0)))
+                continue
             new = old.detach()
             for dim, idx in sorted(dims.items(), key=lambda kv: int(kv[0])):
                 new = new.index_select(int(dim), torch.as_tensor(idx, dtype=torch.long, device=new.device))

@@ -53,8 +53,9 @@ class Member:
     tensor: str
     dims: tuple[int, ...]
     atoms: np.ndarray
-    # "out" (producer rows), "in" (consumer columns), "elem" (per-channel tensors) or "norm" (the
-    # parameters of a normalisation whose statistics are taken over these channels)
+    # "out" (producer rows), "in" (consumer columns), "elem" (per-channel tensors), "norm" (the
+    # parameters of a normalisation whose statistics are taken over these channels) or "split" (a
+    # module attribute holding split sizes, as a vector of positions: see ``ops.split``)
     role: str
 
 
@@ -117,6 +118,7 @@ class Context:
         self.norm_crossing: set[int] = set()  # roots whose channels are normalised together
         self.invariant: list[tuple[np.ndarray, int, str]] = []  # (atoms, axis, where): size must not change
         self.even: list[tuple[list[np.ndarray], str]] = []  # (pieces, where): each must lose alike
+        self.split_sizes: list[tuple[str, list[np.ndarray]]] = []  # ("module.attr", pieces)
         self.rigid_tensors: dict[str, str] = {}  # parameter/buffer -> why its shape must not change
         self.unknown_ops: dict[str, int] = {}
         self.param_comps: dict[str, list[Comp]] = {}
@@ -163,20 +165,32 @@ class Context:
         run time (``chunk``), must each lose as many channels (checked once groups exist)."""
         self.even.append((pieces, self.where()))
 
+    def require_split_sizes(self, attribute: str, pieces: list[np.ndarray]) -> None:
+        """Record that a split's sizes come from the module attribute ``attribute``
+        ("path.name"): its ``pieces`` may each lose channels, and surgery sets the attribute to
+        what each keeps."""
+        for known, parts in self.split_sizes:  # a module called twice splits alike
+            if known == attribute:
+                for a, b in zip(parts, pieces):
+                    self.unify(a, b)
+                return
+        self.split_sizes.append((attribute, pieces))
+
     def where(self) -> str:
         if self.node is None:
             return "?"
-        stack = self.node.meta.get("nn_module_stack") or {}
-        path = list(stack.values())[-1][0] if stack else ""
-        return f"{self.node.target} in '{path or '<root>'}'"
+        return f"{self.node.target} in '{self.module_path() or '<root>'}'"
+
+    def module_path(self) -> str | None:
+        """Path of the innermost module whose forward produced the current node ("": the root;
+        None: not known)."""
+        stack = (self.node.meta.get("nn_module_stack") or {}) if self.node is not None else {}
+        return list(stack.values())[-1][0] if stack else None
 
     def module(self) -> nn.Module | None:
         """Innermost module whose forward produced the current node."""
-        stack = (self.node.meta.get("nn_module_stack") or {}) if self.node is not None else {}
-        if not stack:
-            return None
-        path = list(stack.values())[-1][0]
-        return self.module_of_node.get(path)
+        path = self.module_path()
+        return None if path is None else self.module_of_node.get(path)
 
     # --- members -----------------------------------------------------------------------------
     def add_member(self, value: Value, dims: tuple[int, ...], atoms: np.ndarray, role: str) -> None:

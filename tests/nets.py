@@ -160,6 +160,35 @@ class Gated(nn.Module):
         return self.head(x.mean(1))
 
 
+class MixedParts(nn.Module):
+    """Channels split by sizes held in a module attribute (timm's MixedConv2d): each part has its
+    own depthwise conv, and the outputs are concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.splits = [8, 4]
+        self.convs = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                    nn.Conv2d(4, 4, 5, padding=2, groups=4)])
+
+    def forward(self, x):
+        return torch.cat([c(p) for c, p in zip(self.convs, torch.split(x, self.splits, 1))], 1)
+
+
+class Mixed(nn.Module):
+    """A mixed depthwise conv between two pointwise ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.mixed = MixedParts()
+        self.pw = nn.Conv2d(12, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.mixed(F.relu(self.stem(x)))
+        return self.fc(F.relu(self.pw(x)).mean((2, 3)))
+
+
 class PixelShuffle(nn.Module):
     """An op with no channel rule (pixel_shuffle moves channels into space)."""
 
@@ -206,7 +235,8 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, Gated, PixelShuffle, SharedModule)}
+                                      Tokens, Heads, Gated, Mixed, PixelShuffle,
+                                      SharedModule)}
 
 
 class SmallCNN(nn.Module):

@@ -105,6 +105,17 @@ def test_gated_halves_go_together():
     assert np.array_equal(rows.channel, np.concatenate([g.ids, g.ids]))
 
 
+def test_split_sizes_from_an_attribute_free_the_parts():
+    """torch.split by a module attribute (timm's MixedConv2d.splits): each part is its own member
+    (so each keeps a channel), and the channels stay prunable."""
+    model = NETS["Mixed"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "stem.weight")
+    parts = [m.channel for m in g.members if m.tensor == "mixed.splits"]
+    assert g.prunable and all(m.role == "split" for m in g.members if m.tensor == "mixed.splits")
+    assert [np.flatnonzero(p >= 0).tolist() for p in parts] == [list(range(8)), list(range(8, 12))]
+
+
 def test_flatten_expands_channels_to_features():
     model = NETS["FlattenLinear"]().eval()
     groups = ptsp.build_groups(model, x_for()[:1])
@@ -190,7 +201,7 @@ TIMM_MODELS = {
     "hrnet_w18_small": ({}, 64), "poolformer_s12": ({}, 64), "mobilevit_xxs": ({}, 64),
     "edgenext_xx_small": ({}, 64), "pit_ti_224": ({}, 224), "gernet_s": ({}, 64),
     "selecsls42b": ({}, 64), "ese_vovnet19b_dw": ({}, 64), "efficientformer_l1": ({}, 224),
-    "eva02_tiny_patch14_224": ({"img_size": 56}, 56),
+    "eva02_tiny_patch14_224": ({"img_size": 56}, 56), "mixnet_s": ({}, 64), "mambaout_femto": ({}, 64),
 }
 
 

@@ -13,7 +13,7 @@ from ptsp.importance import normalised_scores
 from ptsp.selection import select
 from ptsp.surgery import apply, criterion_error, kept_indices
 
-from nets import Heads
+from nets import Heads, Mixed
 
 
 def _pruned(model, x, ratio=0.5):
@@ -50,6 +50,26 @@ def test_kept_indices_replay_on_fresh_model():
         assert n1 == n2 and torch.equal(t1, t2)
     fresh = timm.create_model("resnet18", pretrained=False)
     apply(fresh, kept).load_state_dict(pruned.state_dict())  # shapes line up strictly
+
+
+def test_split_sizes_follow_the_parts():
+    """A split whose sizes a module attribute holds: each part loses channels of its own, the
+    attribute becomes what each part keeps, and the plan replays it on a fresh model."""
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = ptsp.build_groups(model, x[:1])
+    stem = next(g for g in groups if any(m.tensor == "stem.weight" for m in g.members))
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[stem.ids[[0, 1, 2, 9]]] = True  # three of the first part's 8, one of the second's 4
+    kept = kept_indices(groups, removed)
+    pruned = apply(copy.deepcopy(model), kept)
+    assert pruned.mixed.splits == [5, 3]
+    assert [c.in_channels for c in pruned.mixed.convs] == [5, 3]
+    assert criterion_error(model, groups, removed, x) <= 1e-5
+    fresh = apply(Mixed().eval(), kept)
+    fresh.load_state_dict(pruned.state_dict())
+    assert fresh.mixed.splits == [5, 3] and torch.equal(fresh(x), pruned(x))
 
 
 def test_heads_and_tied_weights():
