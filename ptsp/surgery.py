@@ -1,6 +1,7 @@
 """Physical removal: index every tensor down to its kept slices and bring module attributes in line.
 
-The unit of exchange is ``kept``: ``{module path: {tensor name: {dim: [kept original indices]}}}``.
+The unit of exchange is ``kept``: ``{module path: {tensor name: {dim: [kept original indices]}}}``
+(a split-sizes attribute, role "split", counts as a vector of the split dim's positions).
 It is computed from groups and a removal mask, stored in the plan (JSON-serialisable), and replayed
 on a fresh copy of the architecture when an artifact is loaded.
 """
