@@ -175,7 +175,7 @@ class MixedParts(nn.Module):
 
 
 class Mixed(nn.Module):
-    """A mixed depthwise conv between two pointwise ones."""
+    """A mixed depthwise conv between two convs."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -114,6 +114,9 @@ def test_split_sizes_from_an_attribute_free_the_parts():
     parts = [m.channel for m in g.members if m.tensor == "mixed.splits"]
     assert g.prunable and all(m.role == "split" for m in g.members if m.tensor == "mixed.splits")
     assert [np.flatnonzero(p >= 0).tolist() for p in parts] == [list(range(8)), list(range(8, 12))]
+    # the most that can go (18 prunable channels): each part and pw's group keep one
+    removed = select(groups, normalised_scores(groups, dict(model.named_parameters())), 15 / 18)
+    assert [int((~removed[p[p >= 0]]).sum()) for p in parts] == [1, 1]
 
 
 def test_flatten_expands_channels_to_features():
