@@ -515,6 +515,22 @@ def _heads_dim(ctx: Context, outs: list[int], shape: tuple[int, ...]) -> int | N
     return None
 
 
+def _parts_split(ctx: Context, a: dict, outs: list[int], shape: tuple[int, ...]) -> bool:
+    """Whether a channel dim split into two, ``(n, m)``, cuts it into ``n`` equal parts, as timm's
+    ``x.view(B, self.num_paths, C // self.num_paths, ...)`` or ``reshape(B, self.radix, -1, ...)``
+    do: ``n`` is written in the call (not -1) and equals an integer attribute of the module. Then
+    ``m`` is the only size that can follow a removal, so the parts may shrink if they lose as many
+    channels each (``require_even``); a module that writes ``m`` in its code fails once pruned,
+    which ``prune`` catches and repairs."""
+    requested = a.get("size", a.get("shape"))
+    if len(outs) != 2 or not isinstance(requested, (list, tuple)) or len(requested) != len(shape):
+        return False
+    n = requested[outs[0]]
+    module = ctx.module()
+    return (type(n) is int and n > 1 and module is not None
+            and any(type(v) is int and v == n for v in vars(module).values()))
+
+
 @rule(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.view_as,
       aten.reshape_as, aten.squeeze, aten.unsqueeze)
 def reshape(ctx: Context, a: dict, out: Any) -> Value:
@@ -547,6 +563,10 @@ def reshape(ctx: Context, a: dict, out: Any) -> Value:
             g_outs = [d for d in groups[gi][1] if dst[d] > 1]
             if len(g_outs) > 1:
                 free = _heads_dim(ctx, g_outs, dst)
+                if free is None and _parts_split(ctx, a, g_outs, dst):
+                    axis = outs.index(g_outs[0])
+                    ctx.require_even([np.take(atoms, i, axis=axis) for i in range(dst[g_outs[0]])])
+                    free = g_outs[1]
                 for d in g_outs:
                     if d != free:
                         ctx.require_invariant(atoms, outs.index(d))
@@ -726,18 +746,46 @@ def index(ctx: Context, a: dict, out: Any) -> Value:
     return Value(tuple(out), _shift(comps, lambda k: k + extra if k > d else k))
 
 
+def _mix_along(ctx: Context, comps: list[Comp], dims: set[int], drop: bool, reason: str) -> list[Comp]:
+    """The op combines elements along ``dims``, position by position of the other dims. A
+    component only along ``dims`` is pinned. One that spans other dims too (a channel dim cut into
+    parts, as a selective kernel's paths: ``softmax`` or ``sum`` over the paths) keeps its
+    channels once the elements combined at each position are one channel: they are unified, and
+    ``dims`` leave the component if ``drop`` (reduced)."""
+    out = []
+    for c in comps:
+        along = [i for i, d in enumerate(c.dims) if d in dims]
+        if (not c.dims and dims) or (along and len(along) == len(c.dims)):
+            ctx.pin(c.atoms, reason)
+        elif not along:
+            out.append(c)
+        else:
+            atoms = c.atoms
+            for axis in reversed(along):
+                atoms = _collapse_axis(ctx, atoms, axis)
+            out.append(Comp(tuple(d for d in c.dims if d not in dims), atoms) if drop else c)
+    return out
+
+
 def _pin_along(ctx: Context, x: Value, dims: list[int], out: Any) -> Value:
     """Channels along ``dims`` are reordered, gathered or mixed: pin them; others pass through."""
     comps = _pin_touching(ctx, _comps(ctx, x), set(dims), f"channels mixed along dims {dims}")
     return Value(tuple(out), comps if len(out) == len(x.shape) else [])
 
 
-@rule(aten.index_select, aten.gather, aten.softmax, aten._softmax, aten.log_softmax,
-      aten._log_softmax, aten.cumsum, aten.repeat_interleave)
+@rule(aten.index_select, aten.gather, aten.cumsum, aten.repeat_interleave)
 def along_dim(ctx: Context, a: dict, out: Any) -> Value:
     x = a["self"] if "self" in a else a["input"]
     nd = len(x.shape)
     return _pin_along(ctx, x, _norm_dims(a.get("dim"), nd) if a.get("dim") is not None else list(range(nd)), out)
+
+
+@rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)
+def softmax(ctx: Context, a: dict, out: Any) -> Value:
+    """Normalises along ``dim`` at each position of the others (see :func:`_mix_along`)."""
+    x = a["self"] if "self" in a else a["input"]
+    dims = set(_norm_dims(a["dim"], len(x.shape)))
+    return Value(tuple(out), _mix_along(ctx, _comps(ctx, x), dims, False, f"channels mixed along dims {sorted(dims)}"))
 
 
 @rule(aten.roll, aten.flip)
@@ -759,12 +807,13 @@ def repeat(ctx: Context, a: dict, out: Any) -> Value:
       aten.norm, aten.logsumexp, aten.prod, aten.argmax, aten.argmin, aten.linalg_vector_norm,
       aten.var_mean, aten.all, aten.any)
 def reduction(ctx: Context, a: dict, out: Any) -> Any:
-    """Reducing over a channel dim mixes channels (pinned); other channels pass through."""
+    """Reducing over a channel dim mixes channels (pinned, unless the channels are cut into parts:
+    :func:`_mix_along`); other channels pass through."""
     x = a["self"] if "self" in a else a["input"]
     nd = len(x.shape)
     dims = _norm_dims(a.get("dim"), nd) if "dim" in a else list(range(nd))
     keep = bool(a.get("keepdim", False))
-    comps = _pin_touching(ctx, _comps(ctx, x), set(dims), "channels mixed by a reduction")
+    comps = _mix_along(ctx, _comps(ctx, x), set(dims), True, "channels mixed by a reduction")
     if not keep:
         comps = _shift(comps, lambda d: d - sum(1 for r in dims if r < d))
     if isinstance(out, list):

@@ -189,6 +189,42 @@ class Mixed(nn.Module):
         return self.fc(F.relu(self.pw(x)).mean((2, 3)))
 
 
+class PathsAttn(nn.Module):
+    """timm's SelectiveKernelAttn: per-channel weights of each path, softmaxed across the paths
+    after a view that cuts the channel dim into ``num_paths`` parts (``fixed``: a view that writes
+    the part size in the code, which a pruned model cannot follow)."""
+
+    def __init__(self, channels: int, paths: int = 2, fixed: bool = False) -> None:
+        super().__init__()
+        self.num_paths, self.fixed = paths, fixed
+        self.fc_reduce = nn.Conv2d(channels, 8, 1)
+        self.fc_select = nn.Conv2d(8, channels * paths, 1)
+
+    def forward(self, x):
+        a = self.fc_select(F.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        B, C = a.shape[:2]
+        return torch.softmax(a.view(B, self.num_paths, 16 if self.fixed else C // self.num_paths, 1, 1), 1)
+
+
+class Paths(nn.Module):
+    """A selective-kernel conv (timm's SelectiveKernel, skresnet): two convs on one input, summed
+    with the attention's weights."""
+
+    def __init__(self, fixed: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.paths = nn.ModuleList([nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 5, padding=2)])
+        self.attn = PathsAttn(16, fixed=fixed)
+        self.pw = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.stack([p(x) for p in self.paths], 1)
+        x = (x * self.attn(x)).sum(1)
+        return self.fc(F.relu(self.pw(x)).mean((2, 3)))
+
+
 class PixelShuffle(nn.Module):
     """An op with no channel rule (pixel_shuffle moves channels into space)."""
 
@@ -235,7 +271,7 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, Gated, Mixed, PixelShuffle,
+                                      Tokens, Heads, Gated, Mixed, Paths, PixelShuffle,
                                       SharedModule)}
 
 

@@ -14,7 +14,7 @@ from ptsp.pruning import remove_checked
 from ptsp.selection import select
 from ptsp.surgery import criterion_error
 
-from nets import NETS, DataDependent, Heads
+from nets import NETS, DataDependent, Heads, Paths
 
 EXACT = 1e-4
 
@@ -117,6 +117,29 @@ def test_split_sizes_from_an_attribute_free_the_parts():
     # the most that can go (18 prunable channels): each part and pw's group keep one
     removed = select(groups, normalised_scores(groups, dict(model.named_parameters())), 15 / 18)
     assert [int((~removed[p[p >= 0]]).sum()) for p in parts] == [1, 1]
+
+
+def test_paths_cut_from_one_dim_go_together():
+    """A view into (num_paths, C // num_paths), softmax and sum across the paths (timm's selective
+    kernel): channel i of every path is one channel, with fc_select's rows i and C + i."""
+    model = NETS["Paths"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "pw.weight", dim=1)
+    rows = next(m for m in g.members if m.tensor == "attn.fc_select.weight")
+    assert g.prunable and g.channels == 16
+    assert {m.tensor for m in g.members if m.role == "out"} >= {"paths.0.weight", "paths.1.weight"}
+    assert np.array_equal(rows.channel, np.concatenate([g.ids, g.ids]))
+
+
+def test_paths_with_a_part_size_in_the_code_are_left_whole():
+    """The same view with the part size written as a number fails once pruned: prune leaves
+    the paths' channels as they are, and says so."""
+    torch.manual_seed(0)
+    model = Paths(fixed=True).eval()
+    with pytest.warns(UserWarning, match="fixed widths.*PathsAttn"):
+        groups, removed, err = check(model, x_for(), 0.5)
+    assert not removed[by_tensor(groups, "pw.weight", dim=1).ids].any()
+    assert removed.any() and err <= EXACT
 
 
 def test_flatten_expands_channels_to_features():
