@@ -358,6 +358,54 @@ def matmul(ctx: Context, a: dict, out: Any) -> Value:
     return _matmul(ctx, x, y, tuple(out))
 
 
+def _einsum_letters(equation: str, ndims: list[int]) -> tuple[list[list[str]], list[str]] | None:
+    """Each operand's letters and the output's, an ellipsis spelled out as letters of its own
+    (aligned from the right, as it broadcasts); None for an equation the rule does not take."""
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ndims):
+        return None
+    width = max([n - len(t) + 3 for t, n in zip(terms, ndims) if "..." in t] or [0])
+    fill = [chr(0x100 + i) for i in range(width)]  # no equation letter
+    ins = []
+    for t, n in zip(terms, ndims):
+        head, dots, tail = t.partition("...")
+        letters = list(head) + (fill[width - (n - len(head) - len(tail)):] if dots else []) + list(tail)
+        if len(letters) != n or len(set(letters)) != n:  # a repeated letter takes a diagonal
+            return None
+        ins.append(letters)
+    if arrow:
+        head, dots, tail = rhs.partition("...")
+        return ins, list(head) + (fill if dots else []) + list(tail)
+    once = [c for c in sorted({c for t in ins for c in t if c not in fill})
+            if sum(t.count(c) for t in ins) == 1]
+    return ins, fill + once
+
+
+@rule(aten.einsum)
+def einsum(ctx: Context, a: dict, out: Any) -> Value:
+    """Letters kept in the output couple the operands position by position (batch dims, with
+    broadcasting); a letter summed away, within one operand or contracted between two, mixes
+    channels along it: each operand's component unifies them into its other letters (a head's
+    channels into the head, as the matrix product does), or is pinned if it has none."""
+    vals = a["tensors"]
+    spec = _einsum_letters(a["equation"], [len(v.shape) for v in vals]) \
+        if all(isinstance(v, Value) for v in vals) else None
+    if spec is None:
+        return unknown(ctx, a, out)
+    ins, outs = spec
+    parts = []
+    for v, letters in zip(vals, ins):
+        gone = {d for d, c in enumerate(letters) if c not in outs}
+        comps = _mix_along(ctx, _comps(ctx, v), gone, True, "channels contracted by einsum")
+        shape = [1] * len(outs)
+        for d, c in enumerate(letters):
+            if c in outs:
+                shape[outs.index(c)] = v.shape[d]
+        parts.append(Value(tuple(shape), _shift(comps, lambda d, letters=letters: outs.index(letters[d]))))
+    return elementwise(ctx, parts, tuple(out))
+
+
 @rule(aten.addmm)
 def addmm(ctx: Context, a: dict, out: Any) -> Value:
     prod = matmul(ctx, {"self": a["mat1"], "other": a["mat2"]}, out)

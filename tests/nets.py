@@ -143,6 +143,40 @@ class Heads(nn.Module):
         return self.head(x[:, 0])
 
 
+class EinsumAttention(nn.Module):
+    """Attention written with einsum (as mvitv2 and samvit), with a relative-position term: the
+    queries contracted with a parameter shared by the heads."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, tokens: int = 16) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel = nn.Parameter(torch.randn(tokens, self.head_dim) * 0.1)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.einsum("bhnd,bhmd->bhnm", q, k) + torch.einsum("bhnd,md->bhnm", q, self.rel)
+        x = torch.einsum("bhnm,bhmd->bhnd", attn.softmax(-1), v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+
+
+class Einsum(nn.Module):
+    """Tokens through an einsum attention, then an einsum over the channels to the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, stride=4)
+        self.attn = EinsumAttention()
+        self.fc = nn.Linear(32, 24)
+        self.head = nn.Parameter(torch.randn(5, 24) * 0.1)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x)
+        return torch.einsum("bnc,kc->bk", F.gelu(self.fc(x)), self.head)
+
+
 class Gated(nn.Module):
     """A gated MLP as timm's GluMlp (eva02, gMixer): one linear makes the value and
     the gate halves, ``chunk`` parts them, and their product feeds the next linear."""
@@ -271,7 +305,7 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, Gated, Mixed, Paths, PixelShuffle,
+                                      Tokens, Heads, Einsum, Gated, Mixed, Paths, PixelShuffle,
                                       SharedModule)}
 
 

@@ -1,6 +1,7 @@
 """The group builder: structure on hand-built nets, and the correctness criterion over timm."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ import ptsp
 from ptsp.importance import normalised_scores
 from ptsp.pruning import remove_checked
 from ptsp.selection import select
-from ptsp.surgery import criterion_error
+from ptsp.surgery import apply, criterion_error, kept_indices
 
 from nets import NETS, DataDependent, Heads, Paths
 
@@ -140,6 +141,22 @@ def test_paths_with_a_part_size_in_the_code_are_left_whole():
         groups, removed, err = check(model, x_for(), 0.5)
     assert not removed[by_tensor(groups, "pw.weight", dim=1).ids].any()
     assert removed.any() and err <= EXACT
+
+
+def test_einsum_attention_prunes_whole_heads():
+    """einsum: the head dim couples q, k and v; head_dim, summed away, joins each head's channels
+    into one; a parameter contracted with the queries keeps its width."""
+    model = NETS["Einsum"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    heads = by_tensor(groups, "attn.qkv.weight")
+    assert heads.prunable and heads.channels == 4
+    rel = by_tensor(groups, "attn.rel", dim=1)
+    assert not rel.prunable and any("einsum" in r for r in rel.reasons)
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[heads.ids[:2]] = True
+    pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
+    assert pruned.attn.num_heads == 2 and pruned.attn.qkv.out_features == 48
+    assert criterion_error(model, groups, removed, x_for()) <= EXACT
 
 
 def test_flatten_expands_channels_to_features():
