@@ -287,6 +287,23 @@ def conv(ctx: Context, a: dict, out: Any) -> Value:
     return Value(tuple(out), [Comp((1,), atoms)])
 
 
+@rule(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+def conv_transpose(ctx: Context, a: dict, out: Any) -> Value:
+    """A transposed conv's weight is (in, out / groups, ...): its rows read the input channels
+    and its columns make the output's (one group; grouped ones have no rule)."""
+    x, w, b = a["input"], a["weight"], a.get("bias")
+    if int(a.get("groups") or 1) != 1 or w.param is None:
+        return unknown(ctx, a, out)
+    vec, rest = _channel_vector(ctx, ctx.canon(x), 1, "conv input channels not separable")
+    _pin_touching(ctx, rest, set(range(len(x.shape))) - {1}, "channels mixed by a convolution")
+    atoms = ctx.fresh([w.shape[1]])
+    ctx.add_member(w, (1,), atoms, "out")
+    _attach(ctx, b, atoms, "out", "conv")
+    if vec is not None:
+        ctx.add_member(w, (0,), vec, "in")
+    return Value(tuple(out), [Comp((1,), atoms)])
+
+
 def _linear(ctx: Context, x: Value, w: Value, b: Value | None, out: tuple[int, ...]) -> Value:
     last = len(x.shape) - 1
     vec, rest = _channel_vector(ctx, ctx.canon(x), last, "linear input features not separable")
@@ -842,9 +859,13 @@ def along_dims(ctx: Context, a: dict, out: Any) -> Value:
     return _pin_along(ctx, x, _norm_dims(a.get("dims") or None, len(x.shape)), out)
 
 
-@rule(aten.repeat)
+@rule(aten.repeat, aten.tile)
 def repeat(ctx: Context, a: dict, out: Any) -> Value:
-    x, reps = a["self"], list(a["repeats"])
+    """Copies along the repeated dims (pinned if they carry channels); ``tile`` pads its
+    repeats with ones on the left when it has fewer than dims."""
+    x = a["self"]
+    reps = list(a["repeats"] if "repeats" in a else a["dims"])
+    reps = [1] * (len(x.shape) - len(reps)) + reps
     lead = len(reps) - len(x.shape)
     dims = [d - lead for d, r in enumerate(reps) if r != 1 and d >= lead]
     res = _pin_along(ctx, x, dims, tuple(out)[lead:])
@@ -884,7 +905,28 @@ rule(aten.avg_pool1d, aten.max_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_m
      aten.upsample_nearest1d, aten.upsample_linear1d)(_spatial(1))
 rule(aten.avg_pool2d, aten.max_pool2d, aten.max_pool2d_with_indices, aten.adaptive_avg_pool2d,
      aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d,
-     aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten._upsample_nearest_exact2d)(_spatial(2))
+     aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten._upsample_nearest_exact2d,
+     aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa)(_spatial(2))
+
+
+@rule(aten.unfold)
+def unfold(ctx: Context, a: dict, out: Any) -> Value:
+    """Sliding windows along one dim, in a new last dim: channels elsewhere pass through."""
+    x = a["self"]
+    comps = _pin_touching(ctx, _comps(ctx, x), {a["dimension"] % max(len(x.shape), 1)},
+                          "channels mixed by unfold")
+    return Value(tuple(out), comps)
+
+
+@rule(aten.im2col)
+def im2col(ctx: Context, a: dict, out: Any) -> Value:
+    """``F.unfold``: (N, C, H, W) → (N, C·kh·kw, L); channel c owns rows c·kh·kw onwards, as a
+    flatten of (C, kh, kw) would give them."""
+    x = a["self"]
+    vec, rest = _channel_vector(ctx, ctx.canon(x), 1, "im2col input channels not separable")
+    _pin_touching(ctx, rest, set(range(len(x.shape))), "channels mixed by im2col")
+    comps = [] if vec is None else [Comp((1,), np.repeat(vec, out[1] // len(vec)))]
+    return Value(tuple(out), comps)
 rule(aten.avg_pool3d, aten.max_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d,
      aten.upsample_nearest3d, aten.upsample_trilinear3d)(_spatial(3))
 

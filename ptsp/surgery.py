@@ -113,7 +113,9 @@ def sync_attributes(modules: Iterable[nn.Module]) -> None:
             if isinstance(getattr(m, "attn_dim", None), int):
                 m.attn_dim = m.num_heads * head_dim
     for m in modules:
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:  # weight (in, out / groups, ...)
+            m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        elif isinstance(m, nn.modules.conv._ConvNd):
             per_group = m.out_channels // m.groups
             out = m.weight.shape[0]
             if m.groups > 1:

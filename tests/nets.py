@@ -259,6 +259,26 @@ class Paths(nn.Module):
         return self.fc(F.relu(self.pw(x)).mean((2, 3)))
 
 
+class Windows(nn.Module):
+    """Ops that move pixels, not channels: a transposed conv, an antialiased resize, windows of
+    ``Tensor.unfold``, ``tile``, and ``F.unfold`` (im2col: each channel's kernel positions in a
+    row each) into a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 12, 2, stride=2)
+        self.fc = nn.Linear(12 * 4, 10)
+        self.head = nn.Linear(10, 5)
+
+    def forward(self, x):
+        x = self.up(F.relu(self.c1(x)))
+        x = F.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True)
+        x = x.unfold(3, 2, 2).mean(-1).tile((1, 1, 2))
+        y = self.fc(F.unfold(x, 2, stride=2).transpose(1, 2))
+        return self.head(F.relu(y).mean(1))
+
+
 class PixelShuffle(nn.Module):
     """An op with no channel rule (pixel_shuffle moves channels into space)."""
 
@@ -305,7 +325,7 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, Einsum, Gated, Mixed, Paths, PixelShuffle,
+                                      Tokens, Heads, Einsum, Gated, Mixed, Paths, PixelShuffle, Windows,
                                       SharedModule)}
 
 

@@ -13,7 +13,7 @@ from ptsp.importance import normalised_scores
 from ptsp.selection import select
 from ptsp.surgery import apply, criterion_error, kept_indices
 
-from nets import Heads, Mixed
+from nets import Heads, Mixed, Windows
 
 
 def _pruned(model, x, ratio=0.5):
@@ -35,6 +35,17 @@ def test_attributes_follow_tensors():
         elif isinstance(m, nn.Linear):
             assert tuple(m.weight.shape) == (m.out_features, m.in_features)
     assert pruned(x).shape == (1, 1000)
+
+
+def test_transposed_conv_widths_follow_its_weight():
+    """A transposed conv's weight is (in, out, ...): both widths are read the other way round."""
+    torch.manual_seed(0)
+    model = Windows().eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups, removed, pruned = _pruned(model, x[:1])
+    up = pruned.up
+    assert up.weight.shape[:2] == (up.in_channels, up.out_channels) == (pruned.c1.out_channels, 6)
+    assert criterion_error(model, groups, removed, x) <= 1e-5
 
 
 def test_kept_indices_replay_on_fresh_model():
