@@ -13,7 +13,6 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .groups import Groups
@@ -168,7 +167,9 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
     """Within this context, layer/group/RMS norms over channels of ``model`` take their statistics
     over the kept channels only: what the pruned model's norms compute (the reference of the
     surgery check, and phase 1's student under ``Reconstruction(phase1_norms="kept")``). The
-    statistics are taken in float32 and the result given in the input's precision."""
+    statistics are taken in float32 and the result given in the input's precision. The ``torch``
+    functions are replaced, not ``F``'s: module code that bound ``F.rms_norm`` to a name of its
+    own at import (timm's ``RmsNorm``) reaches them too."""
     ext = np.append(removed, False)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     keep: dict[int, torch.Tensor] = {}
@@ -178,12 +179,12 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
                 t = tensors[m.tensor]
                 gone = broadcast_mask(torch.as_tensor(ext[m.channel]), m.dims, t.dim()).expand(t.shape)
                 keep[id(t)] = keep.get(id(t), torch.ones(t.shape, dtype=torch.bool)) & ~gone
-    ln, gn, rms = F.layer_norm, F.group_norm, getattr(F, "rms_norm", None)
+    ln, gn, rms = torch.layer_norm, torch.group_norm, getattr(torch, "rms_norm", None)
 
-    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5, *cudnn):
         k = keep.get(id(weight)) if weight is not None else None
         if k is None:
-            return ln(x, shape, weight, bias, eps)
+            return ln(x, shape, weight, bias, eps, *cudnn)
         dtype = x.dtype
         dims = tuple(range(-len(shape), 0))
         x, k = x.float(), k.to(x.device, torch.float32)  # statistics in float32, as autocast's
@@ -201,10 +202,10 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
         eps = torch.finfo(dtype).eps if eps is None else eps
         return (x * torch.rsqrt((x * x * k).sum(dims, keepdim=True) / k.sum() + eps) * weight).to(dtype)
 
-    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *cudnn):
         k = keep.get(id(weight)) if weight is not None and num_groups == 1 else None
         if k is None:
-            return gn(x, num_groups, weight, bias, eps)
+            return gn(x, num_groups, weight, bias, eps, *cudnn)
         dtype, x = x.dtype, x.float()
         k = broadcast_mask(k.to(x.device, torch.float32), (1,), x.dim())
         dims = tuple(range(1, x.dim()))
@@ -214,15 +215,15 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
         y = (x - mean) / torch.sqrt(var + eps) * broadcast_mask(weight, (1,), x.dim())
         return (y + broadcast_mask(bias, (1,), x.dim()) if bias is not None else y).to(dtype)
 
-    F.layer_norm, F.group_norm = layer_norm, group_norm
+    torch.layer_norm, torch.group_norm = layer_norm, group_norm
     if rms is not None:
-        F.rms_norm = rms_norm
+        torch.rms_norm = rms_norm
     try:
         yield
     finally:
-        F.layer_norm, F.group_norm = ln, gn
+        torch.layer_norm, torch.group_norm = ln, gn
         if rms is not None:
-            F.rms_norm = rms
+            torch.rms_norm = rms
 
 
 def criterion_error(model: nn.Module, groups: Groups, removed: np.ndarray, inputs: Any) -> float:

@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import timm
 import torch
+from timm.layers import RmsNorm
 from torch import nn
 
 import ptsp
@@ -95,6 +96,18 @@ def test_heads_and_tied_weights():
     tied[4].weight = tied[2].weight
     _, removed, p = _pruned(tied.eval(), x)
     assert p[4].weight is p[2].weight and p(x).shape == tied(x).shape
+
+
+def test_kept_statistics_reach_norms_bound_at_import():
+    """timm's RmsNorm calls ``rms_norm`` bound from ``torch.nn.functional`` when timm was imported:
+    the reference still takes its statistics over the kept channels, as the pruned model does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), RmsNorm(16), nn.Linear(16, 3)).eval()
+    x = torch.randn(8, 4)
+    groups = ptsp.build_groups(model, x[:1])
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[next(g for g in groups if len(g.ids) == 16).ids[::2]] = True
+    assert criterion_error(model, groups, removed, x) <= 1e-5
 
 
 def test_kept_statistics_stay_float32_under_bfloat16_autocast():
