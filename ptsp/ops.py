@@ -927,6 +927,18 @@ def im2col(ctx: Context, a: dict, out: Any) -> Value:
     _pin_touching(ctx, rest, set(range(len(x.shape))), "channels mixed by im2col")
     comps = [] if vec is None else [Comp((1,), np.repeat(vec, out[1] // len(vec)))]
     return Value(tuple(out), comps)
+
+
+@rule(aten.col2im)
+def col2im(ctx: Context, a: dict, out: Any) -> Value:
+    """``F.fold``, im2col's inverse: (N, C·kh·kw, L) → (N, C, H, W) sums each channel's rows into
+    it, so those rows are one channel."""
+    x = a["self"]
+    vec, rest = _channel_vector(ctx, ctx.canon(x), 1, "col2im input channels not separable")
+    _pin_touching(ctx, rest, set(range(len(x.shape))), "channels mixed by col2im")
+    if vec is None:
+        return Value(tuple(out), [])
+    return Value(tuple(out), [Comp((1,), _collapse_axis(ctx, vec.reshape(out[1], -1), 1))])
 rule(aten.avg_pool3d, aten.max_pool3d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool3d,
      aten.upsample_nearest3d, aten.upsample_trilinear3d)(_spatial(3))
 

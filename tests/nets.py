@@ -261,8 +261,8 @@ class Paths(nn.Module):
 
 class Windows(nn.Module):
     """Ops that move pixels, not channels: a transposed conv, an antialiased resize, windows of
-    ``Tensor.unfold``, ``tile``, and ``F.unfold`` (im2col: each channel's kernel positions in a
-    row each) into a linear."""
+    ``Tensor.unfold``, ``tile``, ``F.unfold`` (im2col: each channel's kernel positions in a
+    row each) and back with ``F.fold``, into a linear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -275,6 +275,8 @@ class Windows(nn.Module):
         x = self.up(F.relu(self.c1(x)))
         x = F.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True)
         x = x.unfold(3, 2, 2).mean(-1).tile((1, 1, 2))
+        cols = F.unfold(x, 2, stride=2)
+        x = x + F.fold(cols, x.shape[-2:], 2, stride=2)
         y = self.fc(F.unfold(x, 2, stride=2).transpose(1, 2))
         return self.head(F.relu(y).mean(1))
 
