@@ -32,25 +32,28 @@ def test_count_leaves_mode():
     assert params == 15 and flops == 2 * 2 * 4 * 3 and model.training
 
 
-class _WithTransposedConv(torch.nn.Module):
-    """A transposed convolution (no channel rule: its channels stay) between prunable convs."""
+class _WithBatchedMatmulAdd(torch.nn.Module):
+    """A ``baddbmm`` (no channel rule: its channels stay; FLOPs counted by torch) between
+    prunable convs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.up = torch.nn.ConvTranspose2d(16, 16, 2, stride=2)
+        self.mix = torch.nn.Parameter(torch.randn(1, 16, 16) / 4)
         self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
         self.conv3 = torch.nn.Conv2d(32, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(self.conv2(self.up(self.conv1(x)).relu()).relu())
+        y = self.conv1(x).relu()
+        z = torch.baddbmm(y.flatten(2), self.mix.expand(len(x), -1, -1), y.flatten(2))
+        return self.conv3(self.conv2(z.view_as(y)).relu())
 
 
 def test_estimator_counts_the_ops_the_trace_cannot_prune():
     """The FLOPs of an op without a channel rule are counted (as a constant, its channels being
     left unpruned), so a FLOPs target holds on the measured count."""
     torch.manual_seed(0)
-    model = _WithTransposedConv().eval()
+    model = _WithBatchedMatmulAdd().eval()
     x = torch.randn(1, 3, 16, 16)
     with pytest.warns(UserWarning, match="no channel rule"):
         groups = ptsp.build_groups(model, x)
