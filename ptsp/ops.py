@@ -709,13 +709,14 @@ def split(ctx: Context, a: dict, out: Any) -> list[Value]:
     """Split sizes fixed in the code keep the split dim's size. ``chunk`` into equal parts splits
     by the size it finds, so channels may go if every part loses as many (a gated MLP's value and
     gate halves, coupled element by element, lose the same channels). Sizes read from a module
-    attribute (timm's ``MixedConv2d.splits``) may change too: surgery rewrites the attribute."""
+    attribute (timm's ``MixedConv2d.splits``, or Res2Net's one ``width`` for all parts, whose
+    parts then lose the same positions) may change too: surgery rewrites the attribute."""
     x = a["self"]
     dim = a.get("dim", 0) % len(x.shape)
     sizes = [shape[dim] for shape in out]
     starts = np.cumsum([0] + sizes)
     even = len(out) == a.get("chunks") and len(set(sizes)) == 1
-    attribute = None if even else _sizes_attribute(ctx, sizes)
+    attribute = None if even else _sizes_attribute(ctx, sizes, a.get("split_size"))
     free = even or attribute is not None
     for c in _comps(ctx, x) if free else ():
         if c.dims == (dim,):
@@ -723,19 +724,26 @@ def split(ctx: Context, a: dict, out: Any) -> list[Value]:
             if even:
                 ctx.require_even(pieces)
             else:
+                if type(a.get("split_size")) is int:  # one size for all: the parts lose alike
+                    for piece in pieces[1:]:
+                        ctx.unify(piece, pieces[0])
                 ctx.require_split_sizes(attribute, pieces)
     return [_slice_out(ctx, x, dim, np.arange(starts[i], starts[i + 1]), True, shape, free)
             for i, shape in enumerate(out)]
 
 
-def _sizes_attribute(ctx: Context, sizes: list[int]) -> str | None:
-    """"path.name" of the attribute of the splitting module that holds exactly these sizes."""
+def _sizes_attribute(ctx: Context, sizes: list[int], size: Any = None) -> str | None:
+    """"path.name" of the attribute of the splitting module that holds exactly these sizes, or
+    (``torch.split`` by one ``size`` into equal parts, as Res2Net's ``split(x, self.width)``) that
+    size."""
     module = ctx.module()
     if module is None or len(sizes) < 2:
         return None
+    one = type(size) is int and set(sizes) == {size}
     for name, value in vars(module).items():
-        if isinstance(value, (list, tuple)) and list(value) == sizes \
-                and all(type(v) is int for v in value):
+        if (one and type(value) is int and value == size) or (
+                isinstance(value, (list, tuple)) and list(value) == sizes
+                and all(type(v) is int for v in value)):
             path = ctx.module_path()
             return f"{path}.{name}" if path else name
     return None

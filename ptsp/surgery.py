@@ -68,7 +68,8 @@ def compose(first: dict, then: dict) -> dict:
 
 def apply(model: nn.Module, kept: Kept) -> nn.Module:
     """Index ``model``'s tensors in place to the kept slices, then resync module attributes (a
-    split-sizes attribute in ``kept`` is set to the number of kept positions in each part).
+    split-sizes attribute in ``kept`` is set to the number of kept positions in each part, or,
+    an integer, in every part).
 
     A tensor shared by several modules (tied weights) is replaced everywhere it is used."""
     users: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -85,6 +86,9 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
                 ends = np.cumsum(old)
                 setattr(module, name, type(old)(
                     int(n) for n in np.diff(np.searchsorted(kept_at, ends), prepend=0)))
+                continue
+            if type(old) is int:  # one size for equal parts, which keep alike: the first's count
+                setattr(module, name, int((np.asarray(next(iter(dims.values()))) < old).sum()))
                 continue
             new = old.detach()
             for dim, idx in sorted(dims.items(), key=lambda kv: int(kv[0])):

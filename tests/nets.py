@@ -223,6 +223,40 @@ class Mixed(nn.Module):
         return self.fc(F.relu(self.pw(x)).mean((2, 3)))
 
 
+class ScalesBlock(nn.Module):
+    """timm's Res2Net Bottle2neck: ``torch.split`` into parts of ``self.width`` channels; each part
+    but the last is convolved after adding the previous part's output, and the parts are
+    concatenated back."""
+
+    def __init__(self, width: int = 6, scale: int = 3) -> None:
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Conv2d(8, width * scale, 1)
+        self.convs = nn.ModuleList([nn.Conv2d(width, width, 3, padding=1) for _ in range(scale - 1)])
+        self.conv3 = nn.Conv2d(width * scale, 8, 1)
+
+    def forward(self, x):
+        spx = torch.split(F.relu(self.conv1(x)), self.width, 1)
+        out, sp = [], None
+        for i, conv in enumerate(self.convs):
+            sp = F.relu(conv(spx[i] if sp is None else sp + spx[i]))
+            out.append(sp)
+        return self.conv3(torch.cat(out + [spx[-1]], 1))
+
+
+class Scales(nn.Module):
+    """A Res2Net block between a stem and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = ScalesBlock()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.block(F.relu(self.stem(x)))).mean((2, 3)))
+
+
 class PathsAttn(nn.Module):
     """timm's SelectiveKernelAttn: per-channel weights of each path, softmaxed across the paths
     after a view that cuts the channel dim into ``num_paths`` parts (``fixed``: a view that writes
@@ -327,8 +361,8 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, Einsum, Gated, Mixed, Paths, PixelShuffle, Windows,
-                                      SharedModule)}
+                                      Tokens, Heads, Einsum, Gated, Mixed, Scales, Paths, PixelShuffle,
+                                      Windows, SharedModule)}
 
 
 class SmallCNN(nn.Module):

@@ -120,6 +120,18 @@ def test_split_sizes_from_an_attribute_free_the_parts():
     assert [int((~removed[p[p >= 0]]).sum()) for p in parts] == [1, 1]
 
 
+def test_parts_of_one_width_lose_the_same_positions():
+    """torch.split by one size held in an int attribute (Res2Net's ``self.width``): position i of
+    every part is one channel, so the parts keep one width, and the attribute is a member."""
+    model = NETS["Scales"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "block.conv1.weight")
+    rows = next(m for m in g.members if m.tensor == "block.conv1.weight").channel
+    assert g.prunable and (rows >= 0).all()
+    assert np.array_equal(rows[:6], rows[6:12]) and np.array_equal(rows[:6], rows[12:])
+    assert sum(m.tensor == "block.width" for m in g.members) == 3
+
+
 def test_paths_cut_from_one_dim_go_together():
     """A view into (num_paths, C // num_paths), softmax and sum across the paths (timm's selective
     kernel): channel i of every path is one channel, with fc_select's rows i and C + i."""

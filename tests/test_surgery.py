@@ -14,7 +14,7 @@ from ptsp.importance import normalised_scores
 from ptsp.selection import select
 from ptsp.surgery import apply, criterion_error, kept_indices
 
-from nets import Heads, Mixed, Windows
+from nets import Heads, Mixed, Scales, Windows
 
 
 def _pruned(model, x, ratio=0.5):
@@ -82,6 +82,26 @@ def test_split_sizes_follow_the_parts():
     fresh = apply(Mixed().eval(), kept)
     fresh.load_state_dict(pruned.state_dict())
     assert fresh.mixed.splits == [5, 3] and torch.equal(fresh(x), pruned(x))
+
+
+def test_one_split_width_follows_the_kept_positions():
+    """A split by one width held in an int attribute (Res2Net): every part drops the same
+    positions, the attribute becomes the kept width, and the plan replays on a fresh model."""
+    torch.manual_seed(0)
+    model = Scales().eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = ptsp.build_groups(model, x[:1])
+    rows = next(m.channel for g in groups for m in g.members
+                if m.tensor == "block.conv1.weight" and m.dims == (0,))
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[rows[[1, 4]]] = True
+    kept = kept_indices(groups, removed)
+    pruned = apply(copy.deepcopy(model), kept)
+    assert pruned.block.width == 4 and pruned.block.conv1.out_channels == 12
+    assert criterion_error(model, groups, removed, x) <= 1e-5
+    fresh = apply(Scales().eval(), kept)
+    fresh.load_state_dict(pruned.state_dict())
+    assert fresh.block.width == 4 and torch.equal(fresh(x), pruned(x))
 
 
 def test_heads_and_tied_weights():
