@@ -709,8 +709,9 @@ def split(ctx: Context, a: dict, out: Any) -> list[Value]:
     """Split sizes fixed in the code keep the split dim's size. ``chunk`` into equal parts splits
     by the size it finds, so channels may go if every part loses as many (a gated MLP's value and
     gate halves, coupled element by element, lose the same channels). Sizes read from a module
-    attribute (timm's ``MixedConv2d.splits``, or Res2Net's one ``width`` for all parts, whose
-    parts then lose the same positions) may change too: surgery rewrites the attribute."""
+    attribute (timm's ``MixedConv2d.splits``; or one size for all parts, whose parts then lose
+    the same positions: Res2Net's ``width``, CSPNet's ``expand_chs // 2``) may change too: surgery
+    rewrites the attribute."""
     x = a["self"]
     dim = a.get("dim", 0) % len(x.shape)
     sizes = [shape[dim] for shape in out]
@@ -733,20 +734,24 @@ def split(ctx: Context, a: dict, out: Any) -> list[Value]:
 
 
 def _sizes_attribute(ctx: Context, sizes: list[int], size: Any = None) -> str | None:
-    """"path.name" of the attribute of the splitting module that holds exactly these sizes, or
-    (``torch.split`` by one ``size`` into equal parts, as Res2Net's ``split(x, self.width)``) that
-    size."""
+    """"path.name" of the attribute of the splitting module that holds exactly these sizes, or,
+    for ``torch.split`` by one int ``size`` into equal parts, that size (Res2Net's
+    ``split(x, self.width)``) or the total it is a share of (CSPNet's
+    ``split(self.expand_chs // 2)``). Equal sizes first: a total that happens to match is the
+    weaker guess."""
     module = ctx.module()
     if module is None or len(sizes) < 2:
         return None
-    one = type(size) is int and set(sizes) == {size}
-    for name, value in vars(module).items():
-        if (one and type(value) is int and value == size) or (
-                isinstance(value, (list, tuple)) and list(value) == sizes
-                and all(type(v) is int for v in value)):
-            path = ctx.module_path()
-            return f"{path}.{name}" if path else name
-    return None
+    if type(size) is int:
+        wanted = [size, sum(sizes)] if set(sizes) == {size} else []
+        found = [(wanted.index(v), n) for n, v in vars(module).items() if type(v) is int and v in wanted]
+    else:
+        found = [(0, n) for n, v in vars(module).items() if isinstance(v, (list, tuple))
+                 and list(v) == sizes and all(type(i) is int for i in v)]
+    if not found:
+        return None
+    path, name = ctx.module_path(), min(found)[1]
+    return f"{path}.{name}" if path else name
 
 
 @rule(aten.unbind)

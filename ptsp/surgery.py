@@ -69,7 +69,7 @@ def compose(first: dict, then: dict) -> dict:
 def apply(model: nn.Module, kept: Kept) -> nn.Module:
     """Index ``model``'s tensors in place to the kept slices, then resync module attributes (a
     split-sizes attribute in ``kept`` is set to the number of kept positions in each part, or,
-    an integer, in every part).
+    an integer, in every part or in all).
 
     A tensor shared by several modules (tied weights) is replaced everywhere it is used."""
     users: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -87,7 +87,8 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
                 setattr(module, name, type(old)(
                     int(n) for n in np.diff(np.searchsorted(kept_at, ends), prepend=0)))
                 continue
-            if type(old) is int:  # one size for equal parts, which keep alike: the first's count
+            if type(old) is int:  # equal parts keeping alike: a part's size (the first part's
+                # kept positions) or their total (all kept positions) is what lies below it
                 setattr(module, name, int((np.asarray(next(iter(dims.values()))) < old).sum()))
                 continue
             new = old.detach()

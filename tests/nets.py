@@ -257,6 +257,24 @@ class Scales(nn.Module):
         return self.fc(F.relu(self.block(F.relu(self.stem(x)))).mean((2, 3)))
 
 
+class CrossStage(nn.Module):
+    """timm's CSPNet stage: ``x.split(self.expand_chs // 2)`` into halves, one through a
+    residual block, concatenated back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand_chs = 16
+        self.conv_exp = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_transition = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x1, x2 = F.relu(self.conv_exp(x)).split(self.expand_chs // 2, dim=1)
+        x1 = x1 + F.relu(self.block(x1))
+        return self.fc(F.relu(self.conv_transition(torch.cat([x1, x2], 1))).mean((2, 3)))
+
+
 class PathsAttn(nn.Module):
     """timm's SelectiveKernelAttn: per-channel weights of each path, softmaxed across the paths
     after a view that cuts the channel dim into ``num_paths`` parts (``fixed``: a view that writes
@@ -361,7 +379,7 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, Einsum, Gated, Mixed, Scales, Paths, PixelShuffle,
+                                      Tokens, Heads, Einsum, Gated, Mixed, Scales, CrossStage, Paths, PixelShuffle,
                                       Windows, SharedModule)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import timm
 import torch
 from timm.layers import RmsNorm
@@ -14,7 +15,7 @@ from ptsp.importance import normalised_scores
 from ptsp.selection import select
 from ptsp.surgery import apply, criterion_error, kept_indices
 
-from nets import Heads, Mixed, Scales, Windows
+from nets import CrossStage, Heads, Mixed, Scales, Windows
 
 
 def _pruned(model, x, ratio=0.5):
@@ -84,24 +85,29 @@ def test_split_sizes_follow_the_parts():
     assert fresh.mixed.splits == [5, 3] and torch.equal(fresh(x), pruned(x))
 
 
-def test_one_split_width_follows_the_kept_positions():
-    """A split by one width held in an int attribute (Res2Net): every part drops the same
-    positions, the attribute becomes the kept width, and the plan replays on a fresh model."""
+@pytest.mark.parametrize("net, producer, attribute, after, width", [
+    (Scales, "block.conv1", "block.width", 4, 12), (CrossStage, "conv_exp", "expand_chs", 12, 12)])
+def test_one_split_width_follows_the_kept_positions(net, producer, attribute, after, width):
+    """A split by one size held in an int attribute, the size itself (Res2Net's ``width``) or the
+    total it is a share of (CSPNet's ``expand_chs // 2``): every part drops the same positions,
+    the attribute follows, and the plan replays on a fresh model."""
     torch.manual_seed(0)
-    model = Scales().eval()
+    model = net().eval()
     x = torch.randn(2, 3, 16, 16)
     groups = ptsp.build_groups(model, x[:1])
     rows = next(m.channel for g in groups for m in g.members
-                if m.tensor == "block.conv1.weight" and m.dims == (0,))
+                if m.tensor == f"{producer}.weight" and m.dims == (0,))
     removed = np.zeros(groups.num_channels, dtype=bool)
-    removed[rows[[1, 4]]] = True
+    removed[rows[[1, 4]]] = True  # two positions, so two rows of every part
     kept = kept_indices(groups, removed)
     pruned = apply(copy.deepcopy(model), kept)
-    assert pruned.block.width == 4 and pruned.block.conv1.out_channels == 12
+    owner, name = attribute.rpartition(".")[::2]
+    assert getattr(pruned.get_submodule(owner), name) == after
+    assert pruned.get_submodule(producer).out_channels == width
     assert criterion_error(model, groups, removed, x) <= 1e-5
-    fresh = apply(Scales().eval(), kept)
+    fresh = apply(net().eval(), kept)
     fresh.load_state_dict(pruned.state_dict())
-    assert fresh.block.width == 4 and torch.equal(fresh(x), pruned(x))
+    assert torch.equal(fresh(x), pruned(x))
 
 
 def test_heads_and_tied_weights():
