@@ -128,7 +128,7 @@ def build_groups(model: nn.Module, example_inputs: Any) -> Groups:
     """
     trace = export(model, example_inputs)
     ctx = Context()
-    ctx.module_of_node = trace.modules
+    ctx.module_of_node, ctx.param_of_node = trace.modules, trace.params
     env: dict[str, Any] = {}
     sites: list[tuple[Any, dict]] = []
     touched: dict[str, list[np.ndarray]] = {}
@@ -360,10 +360,15 @@ def _uneven(pieces: list[np.ndarray], lut: "_Lut", uf, group_of: np.ndarray, siz
     ids = [lut(uf.roots(p)) for p in pieces]
     if not all(_keeps_one(p, group_of, sizes, blocked) for p in ids):
         live = np.unique(np.concatenate(ids))
-    else:
-        n = len(group_of)
-        counts = np.stack([np.bincount(p[p >= 0], minlength=n) for p in ids])
-        live = np.flatnonzero((counts != counts[:1]).any(axis=0))
+    else:  # per channel, how often each piece holds it (sparse: pieces may be many and large)
+        k = len(ids)
+        key = np.concatenate([p[p >= 0].ravel() * k + i for i, p in enumerate(ids)])
+        pairs, counts = np.unique(key, return_counts=True)
+        channel = pairs // k
+        live, first = np.unique(channel, return_index=True)
+        held_by = np.diff(np.append(first, len(channel)))
+        even = (held_by == k) & (np.minimum.reduceat(counts, first) == np.maximum.reduceat(counts, first))
+        live = live[~even]
     live = live[live >= 0]
     return live[~blocked[group_of[live]]]
 

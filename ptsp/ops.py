@@ -269,6 +269,9 @@ def conv(ctx: Context, a: dict, out: Any) -> Value:
             ctx.unify(vec, win)
         elif groups == 1 and vec is not None:
             ctx.pin(vec, "conv with a computed weight")
+        elif win is not None:  # columns per group, or reading fixed channels: their count stays
+            ctx.pin(win, "grouped conv with a computed weight" if groups > 1
+                    else "conv with a computed weight on inseparable input channels")
     else:
         atoms = ctx.fresh([o])
         ctx.add_member(w, (0,), atoms, "out")
@@ -475,16 +478,49 @@ def _per_channel(ctx: Context, x: Value, tensors: list[Any], dim: int, what: str
 @rule(aten.batch_norm, aten._native_batch_norm_legit_no_training, aten.instance_norm,
       aten.native_batch_norm, aten._native_batch_norm_legit)
 def batch_norm(ctx: Context, a: dict, out: Any) -> Any:
+    """Per-channel parameters and statistics. Batch statistics mix what they reduce over, except
+    in a weight standardisation (timm's ``StdConv2d``, NFNets' ``ScaledStdConv2d``: a conv weight
+    viewed as ``(1, out, -1)``), whose input columns are then normalised together: the pruned conv
+    standardises over the kept ones (``surgery.kept_statistics``)."""
     x = a["input"]
     tensors = [a.get(n) for n in ("weight", "bias", "running_mean", "running_var")]
     _per_channel(ctx, x, tensors, 1, "batch norm")
     comps = ctx.canon(x)
-    rest = _pin_touching(ctx, [c for c in comps if 1 not in c.dims], set(range(2, len(x.shape))),
-                         "channels mixed by batch statistics")
-    res = Value(tuple(x.shape), [c for c in comps if c.dims == (1,)] + rest)
+    columns = _standardised_columns(ctx, a)
+    within = [c for c in comps if columns is not None and 1 not in c.dims and np.isin(c.atoms, columns).all()]
+    for c in within:
+        ctx.mark_norm(c.atoms)
+    rest = _pin_touching(ctx, [c for c in comps if 1 not in c.dims and not any(c is w for w in within)],
+                         set(range(2, len(x.shape))), "channels mixed by batch statistics")
+    res = Value(tuple(x.shape), [c for c in comps if c.dims == (1,)] + within + rest)
     if isinstance(out, list):
         return [res] + [Value(s, []) if s else None for s in out[1:]]
     return res
+
+
+def _standardised(ctx: Context, x: Value) -> bool:
+    """Whether this reshape of ``x`` views a parameter for a batch norm to standardise."""
+    return x.param is not None and ctx.node is not None and any(
+        getattr(u.target, "overloadpacket", None) in (aten.batch_norm, aten._native_batch_norm_legit)
+        for u in ctx.node.users)
+
+
+def _standardised_columns(ctx: Context, a: dict) -> np.ndarray | None:
+    """The class roots of a conv weight's input columns when this batch norm standardises the
+    weight (batch statistics of the weight itself, viewed as ``(1, out, -1)``); its columns'
+    member becomes "standardised": the consumer's columns, normalised together."""
+    x, node = a["input"], ctx.node.args[0] if ctx.node is not None and ctx.node.args else None
+    if not a.get("training") or a.get("running_mean") is not None or len(x.shape) != 3 or x.shape[0] != 1:
+        return None
+    while isinstance(node, torch.fx.Node) and node.target in (aten.reshape.default, aten.view.default):
+        node = node.args[0]
+    param = ctx.param_of_node.get(node.name) if isinstance(node, torch.fx.Node) else None
+    shape = tuple(getattr(node.meta.get("val"), "shape", ())) if param is not None else ()
+    member = next((m for m in ctx.members if m.tensor == param and m.dims == (1,)), None)
+    if member is None or len(shape) < 3 or shape[0] != x.shape[1] or int(np.prod(shape[1:])) != x.shape[2]:
+        return None
+    member.role = "standardised"
+    return np.unique(ctx.uf.roots(member.atoms))
 
 
 @rule(aten.group_norm, aten.native_group_norm)
@@ -600,7 +636,8 @@ def _parts_split(ctx: Context, a: dict, outs: list[int], shape: tuple[int, ...])
       aten.reshape_as, aten.squeeze, aten.unsqueeze)
 def reshape(ctx: Context, a: dict, out: Any) -> Value:
     """Any reshape: channels move with their elements. Merging a channel dim with others (flatten)
-    is free; splitting one keeps every new dim's size, except an attention module's heads."""
+    is free; splitting one keeps every new dim's size, except the one dim its channels vary along
+    (a flattened channel dim split back), an attention module's heads and equal parts."""
     x = a["self"] if "self" in a else a["input"]
     src, dst = tuple(x.shape), tuple(out)
     groups = _reshape_groups(src, dst)
@@ -620,6 +657,12 @@ def reshape(ctx: Context, a: dict, out: Any) -> Value:
         touched = sorted(touched)
         ins = tuple(d for gi in touched for d in groups[gi][0])
         outs = tuple(d for gi in touched for d in groups[gi][1])
+        if len(members) > 1 and _standardised(ctx, x):  # a conv weight viewed as
+            # (1, out, in·k·k) to be standardised: its input columns label the merged dim; the
+            # kernel dims stay whole, so dropping their labels loses nothing
+            members = sorted(members, key=lambda c: c.dims)
+            ctx.pin([c for c in members[1:]], "dims of a parameter merged by a reshape")
+            members = members[:1]
         arrays = [_expand(c, ins, src) for c in members]
         for arr in arrays[1:]:
             ctx.unify(arr, arrays[0])
@@ -627,7 +670,10 @@ def reshape(ctx: Context, a: dict, out: Any) -> Value:
         for gi in touched:
             g_outs = [d for d in groups[gi][1] if dst[d] > 1]
             if len(g_outs) > 1:
-                free = _heads_dim(ctx, g_outs, dst)
+                roots = ctx.uf.roots(atoms)  # channels that vary along one new dim only (a
+                # flattened channel dim unflattened): that dim shrinks, the others keep their size
+                varying = [d for d in g_outs if not (roots == np.take(roots, [0], outs.index(d))).all()]
+                free = varying[0] if len(varying) == 1 else _heads_dim(ctx, g_outs, dst)
                 if free is None and _parts_split(ctx, a, g_outs, dst):
                     axis = outs.index(g_outs[0])
                     ctx.require_even([np.take(atoms, i, axis=axis) for i in range(dst[g_outs[0]])])

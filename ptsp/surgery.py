@@ -150,7 +150,7 @@ def zero_removed_inputs(model: nn.Module, groups: Groups, removed: np.ndarray) -
     with torch.no_grad():
         for g in groups:
             for m in g.members:
-                if m.role != "in":
+                if m.role not in ("in", "standardised"):
                     continue
                 gone = ext[m.channel]
                 if gone.any():
@@ -169,22 +169,28 @@ def broadcast_mask(mask: torch.Tensor, dims: tuple[int, ...], ndim: int) -> torc
 
 @contextlib.contextmanager
 def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> Iterator[None]:
-    """Within this context, layer/group/RMS norms over channels of ``model`` take their statistics
-    over the kept channels only: what the pruned model's norms compute (the reference of the
-    surgery check, and phase 1's student under ``Reconstruction(phase1_norms="kept")``). The
+    """Within this context, layer/group/RMS norms over channels of ``model``, and the
+    standardisation of a conv weight over its input columns, take their statistics over the kept
+    channels only (a standardised weight's removed columns become zero): what the pruned model
+    computes (the reference of the surgery check, and phase 1's student under
+    ``Reconstruction(phase1_norms="kept")``). The
     statistics are taken in float32 and the result given in the input's precision. The ``torch``
     functions are replaced, not ``F``'s: module code that bound ``F.rms_norm`` to a name of its
     own at import (timm's ``RmsNorm``) reaches them too."""
     ext = np.append(removed, False)
     tensors = dict(model.named_parameters(remove_duplicate=False))
-    keep: dict[int, torch.Tensor] = {}
+    keep: dict[int, torch.Tensor] = {}  # id of a norm's weight -> its kept elements
+    columns: dict[int, torch.Tensor] = {}  # data_ptr of a standardised conv weight -> kept columns
     for g in groups:
         for m in g.members:
-            if m.role == "norm" and ext[m.channel].any():
+            if m.role in ("norm", "standardised") and ext[m.channel].any():
                 t = tensors[m.tensor]
                 gone = broadcast_mask(torch.as_tensor(ext[m.channel]), m.dims, t.dim()).expand(t.shape)
-                keep[id(t)] = keep.get(id(t), torch.ones(t.shape, dtype=torch.bool)) & ~gone
-    ln, gn, rms = torch.layer_norm, torch.group_norm, getattr(torch, "rms_norm", None)
+                if m.role == "norm":
+                    keep[id(t)] = keep.get(id(t), torch.ones(t.shape, dtype=torch.bool)) & ~gone
+                else:
+                    columns[t.data_ptr()] = columns.get(t.data_ptr(), True) & ~gone[0].reshape(-1)
+    ln, gn, rms, bn = torch.layer_norm, torch.group_norm, getattr(torch, "rms_norm", None), torch.batch_norm
 
     def layer_norm(x, shape, weight=None, bias=None, eps=1e-5, *cudnn):
         k = keep.get(id(weight)) if weight is not None else None
@@ -220,13 +226,25 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
         y = (x - mean) / torch.sqrt(var + eps) * broadcast_mask(weight, (1,), x.dim())
         return (y + broadcast_mask(bias, (1,), x.dim()) if bias is not None else y).to(dtype)
 
-    torch.layer_norm, torch.group_norm = layer_norm, group_norm
+    def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, *cudnn):
+        k = columns.get(x.data_ptr()) if training and running_mean is None and x.dim() == 3 else None
+        if k is None or x.shape[0] != 1 or x.shape[2] != k.numel():  # not a standardised weight
+            return bn(x, weight, bias, running_mean, running_var, training, momentum, eps, *cudnn)
+        dtype, x, k = x.dtype, x.float(), k.to(x.device, torch.float32)
+        mean = (x * k).sum(2, keepdim=True) / k.sum()
+        var = ((x - mean) ** 2 * k).sum(2, keepdim=True) / k.sum()
+        y = (x - mean) / torch.sqrt(var + eps)
+        y = y * weight.view(1, -1, 1) if weight is not None else y
+        y = y + bias.view(1, -1, 1) if bias is not None else y
+        return (y * k).to(dtype)  # the removed columns read nothing, as in the pruned conv
+
+    torch.layer_norm, torch.group_norm, torch.batch_norm = layer_norm, group_norm, batch_norm
     if rms is not None:
         torch.rms_norm = rms_norm
     try:
         yield
     finally:
-        torch.layer_norm, torch.group_norm = ln, gn
+        torch.layer_norm, torch.group_norm, torch.batch_norm = ln, gn, bn
         if rms is not None:
             torch.rms_norm = rms
 

@@ -54,8 +54,9 @@ class Member:
     dims: tuple[int, ...]
     atoms: np.ndarray
     # "out" (producer rows), "in" (consumer columns), "elem" (per-channel tensors), "norm" (the
-    # parameters of a normalisation whose statistics are taken over these channels) or "split" (a
-    # module attribute holding split sizes, as a vector of positions: see ``ops.split``)
+    # parameters of a normalisation whose statistics are taken over these channels),
+    # "standardised" (consumer columns of a weight standardised over them: ``ops.batch_norm``) or
+    # "split" (a module attribute holding split sizes, as a vector of positions: see ``ops.split``)
     role: str
 
 
@@ -124,6 +125,7 @@ class Context:
         self.param_comps: dict[str, list[Comp]] = {}
         self.node: torch.fx.Node | None = None  # node being processed, for messages
         self.module_of_node: dict[str, nn.Module] = {}
+        self.param_of_node: dict[str, str] = {}  # placeholder name -> parameter/buffer name
 
     # --- atoms and classes -------------------------------------------------------------------
     def fresh(self, shape: Sequence[int]) -> np.ndarray:

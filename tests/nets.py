@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
+from timm.layers import LayerNorm2d, ScaledStdConv2d, StdConv2d
 from timm.layers.norm_act import BatchNormAct2d
 from timm.models.vision_transformer import Attention, LayerScale
 from torch import nn
@@ -275,6 +275,23 @@ class CrossStage(nn.Module):
         return self.fc(F.relu(self.conv_transition(torch.cat([x1, x2], 1))).mean((2, 3)))
 
 
+class Standardised(nn.Module):
+    """Weight-standardised convs (timm's StdConv2d, NFNets' ScaledStdConv2d, one grouped): each
+    filter is normalised over its input columns at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = StdConv2d(3, 8, 3, padding=1)
+        self.conv = ScaledStdConv2d(8, 16, 3, padding=1)
+        self.grouped = ScaledStdConv2d(16, 16, 3, padding=1, groups=4)
+        self.pw = StdConv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.grouped(F.relu(self.conv(F.relu(self.stem(x))))))
+        return self.fc(F.relu(self.pw(x)).mean((2, 3)))
+
+
 class PathsAttn(nn.Module):
     """timm's SelectiveKernelAttn: per-channel weights of each path, softmaxed across the paths
     after a view that cuts the channel dim into ``num_paths`` parts (``fixed``: a view that writes
@@ -379,8 +396,8 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Tokens, Heads, Einsum, Gated, Mixed, Scales, CrossStage, Paths, PixelShuffle,
-                                      Windows, SharedModule)}
+                                      Standardised, Tokens, Heads, Einsum, Gated, Mixed, Scales,
+                                      CrossStage, Paths, PixelShuffle, Windows, SharedModule)}
 
 
 class SmallCNN(nn.Module):

@@ -132,6 +132,19 @@ def test_parts_of_one_width_lose_the_same_positions():
     assert sum(m.tensor == "block.width" for m in g.members) == 3
 
 
+def test_standardised_weights_normalise_the_columns_they_keep():
+    """A weight standardised over its input columns (StdConv2d): those columns cross a channel
+    normalisation, like a LayerNorm's channels; a grouped conv's columns per group stay."""
+    model = NETS["Standardised"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "conv.weight", dim=1)
+    assert g.prunable and g.norm_crossing and g.channels == 8
+    assert {(m.tensor, m.role) for m in g.members if m.dims == (1,)} == {("conv.weight", "standardised")}
+    assert not by_tensor(groups, "grouped.weight", dim=1).prunable
+    blocks = by_tensor(groups, "pw.weight", dim=1)  # the grouped conv's output: whole groups
+    assert blocks.prunable and blocks.channels == 4
+
+
 def test_paths_cut_from_one_dim_go_together():
     """A view into (num_paths, C // num_paths), softmax and sum across the paths (timm's selective
     kernel): channel i of every path is one channel, with fc_select's rows i and C + i."""

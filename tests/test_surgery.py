@@ -13,9 +13,9 @@ from torch import nn
 import ptsp
 from ptsp.importance import normalised_scores
 from ptsp.selection import select
-from ptsp.surgery import apply, criterion_error, kept_indices
+from ptsp.surgery import apply, criterion_error, kept_indices, zero_removed_inputs
 
-from nets import CrossStage, Heads, Mixed, Scales, Windows
+from nets import CrossStage, Heads, Mixed, Scales, Standardised, Windows
 
 
 def _pruned(model, x, ratio=0.5):
@@ -134,6 +134,25 @@ def test_kept_statistics_reach_norms_bound_at_import():
     removed = np.zeros(groups.num_channels, dtype=bool)
     removed[next(g for g in groups if len(g.ids) == 16).ids[::2]] = True
     assert criterion_error(model, groups, removed, x) <= 1e-5
+
+
+def test_standardised_convs_standardise_over_the_kept_columns():
+    """A weight-standardised conv that loses input columns normalises over the ones it keeps; the
+    reference takes the same statistics (and reads nothing from the removed columns), which
+    zeroing the columns alone would not give."""
+    torch.manual_seed(0)
+    model = Standardised().eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = ptsp.build_groups(model, x[:1])
+    g = next(g for g in groups for m in g.members if m.tensor == "conv.weight" and m.dims == (1,))
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[g.ids[[0, 3, 5]]] = True
+    pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
+    assert pruned.conv.weight.shape[1] == 5
+    assert criterion_error(model, groups, removed, x) <= 1e-5
+    zeroed = zero_removed_inputs(copy.deepcopy(model), groups, removed)
+    with torch.no_grad():
+        assert (zeroed(x) - pruned(x)).abs().max() > 1e-3
 
 
 def test_kept_statistics_stay_float32_under_bfloat16_autocast():
