@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .counting import Estimator, count
-from .groups import Groups, build_groups
+from .groups import CONSUMER_ROLES, Groups, build_groups
 from .pruning import PLAN_ATTR, default_inputs, record
 from .surgery import apply, broadcast_mask, kept_indices, zero_removed_inputs
 
@@ -507,7 +507,7 @@ def _producer_slices(model: nn.Module, groups: Groups,
         if not wanted.intersection(g.ids.tolist()):
             continue
         for m in g.members:
-            if m.role in ("in", "standardised") or m.tensor not in params:
+            if m.role in CONSUMER_ROLES or m.tensor not in params:
                 continue
             p = params[m.tensor]
             ids = torch.as_tensor(index[m.channel], device=p.device)
@@ -552,7 +552,7 @@ def _not_invariant(model: nn.Module, groups: Groups, candidates: list, inputs: A
         with torch.no_grad():
             for g in subset:
                 for m in g.members:
-                    if m.role not in ("in", "standardised") and m.tensor in params and ext[m.channel].any():
+                    if m.role not in CONSUMER_ROLES and m.tensor in params and ext[m.channel].any():
                         t = tensors[m.tensor]
                         t.masked_fill_(broadcast_mask(torch.as_tensor(ext[m.channel], device=t.device), m.dims, t.dim()), 0)
             y = test(*args)

@@ -24,6 +24,9 @@ FLOP_OPS = {ops.aten.conv1d, ops.aten.conv2d, ops.aten.conv3d, ops.aten.convolut
             ops.aten.addmm, ops.aten.baddbmm, ops.aten.scaled_dot_product_attention, ops.aten.einsum}
 
 
+CONSUMER_ROLES = ("in", "standardised")  # slices that read a channel rather than make it
+
+
 @dataclasses.dataclass
 class Slice:
     """One member of a group: ``tensor`` indexed along ``dims`` by the group's channels.

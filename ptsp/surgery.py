@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .groups import Groups
+from .groups import CONSUMER_ROLES, Groups
 
 Kept = dict[str, dict[str, dict[int, list[int]]]]
 
@@ -150,7 +150,7 @@ def zero_removed_inputs(model: nn.Module, groups: Groups, removed: np.ndarray) -
     with torch.no_grad():
         for g in groups:
             for m in g.members:
-                if m.role not in ("in", "standardised"):
+                if m.role not in CONSUMER_ROLES:
                     continue
                 gone = ext[m.channel]
                 if gone.any():
