@@ -81,15 +81,12 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
         module = model.get_submodule(path)
         for name, dims in tensors.items():
             old = getattr(module, name)
-            if isinstance(old, (list, tuple)):  # a split's sizes (role "split"): what each part keeps
+            if isinstance(old, (list, tuple)) or type(old) is int:  # a split's sizes (role
+                # "split"): what each part keeps; one int (equal parts keeping alike: a part's
+                # size or their total) becomes the kept positions below it
                 kept_at = np.asarray(next(iter(dims.values())))
-                ends = np.cumsum(old)
-                setattr(module, name, type(old)(
-                    int(n) for n in np.diff(np.searchsorted(kept_at, ends), prepend=0)))
-                continue
-            if type(old) is int:  # equal parts keeping alike: a part's size (the first part's
-                # kept positions) or their total (all kept positions) is what lies below it
-                setattr(module, name, int((np.asarray(next(iter(dims.values()))) < old).sum()))
+                counts = [int(n) for n in np.diff(np.searchsorted(kept_at, np.cumsum(old)), prepend=0)]
+                setattr(module, name, counts[0] if type(old) is int else type(old)(counts))
                 continue
             new = old.detach()
             for dim, idx in sorted(dims.items(), key=lambda kv: int(kv[0])):
