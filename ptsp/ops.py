@@ -9,11 +9,12 @@ op we do not understand can make a model less prunable, never wrong.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
+from .norms import statistic_dim
 from .tracing import Comp, Context, Value
 
 aten = torch.ops.aten
@@ -856,10 +857,21 @@ def stack(ctx: Context, a: dict, out: Any) -> Value:
     return Value(tuple(out), elementwise(ctx, vals, tuple(o_shape)).comps)
 
 
+def _pin_indices(ctx: Context, indices: Iterable[Any]) -> None:
+    """Pin the elements of tensors used as indices: each element addresses a position, so
+    removing some would shift what the others pick (a relative-position index buffer is a
+    table of positions, not channels)."""
+    for t in indices:
+        if isinstance(t, Value):
+            for c in _comps(ctx, t):
+                ctx.pin(c.atoms, "tensor used as indices")
+
+
 @rule(aten.index)
 def index(ctx: Context, a: dict, out: Any) -> Value:
     """Advanced indexing with one index tensor on a dim that carries no channels."""
     x, indices = a["self"], a["indices"]
+    _pin_indices(ctx, indices)
     used = [i for i, t in enumerate(indices) if t is not None]
     comps = _comps(ctx, x)
     if len(used) != 1:
@@ -900,6 +912,7 @@ def _pin_along(ctx: Context, x: Value, dims: list[int], out: Any) -> Value:
 @rule(aten.index_select, aten.gather, aten.cumsum, aten.repeat_interleave)
 def along_dim(ctx: Context, a: dict, out: Any) -> Value:
     x = a["self"] if "self" in a else a["input"]
+    _pin_indices(ctx, (a.get("index"), a.get("repeats")))
     nd = len(x.shape)
     return _pin_along(ctx, x, _norm_dims(a.get("dim"), nd) if a.get("dim") is not None else list(range(nd)), out)
 
@@ -936,12 +949,19 @@ def repeat(ctx: Context, a: dict, out: Any) -> Value:
       aten.var_mean, aten.all, aten.any)
 def reduction(ctx: Context, a: dict, out: Any) -> Any:
     """Reducing over a channel dim mixes channels (pinned, unless the channels are cut into parts:
-    :func:`_mix_along`); other channels pass through."""
+    :func:`_mix_along`, or the mean is a norm's statistic in a module :mod:`ptsp.norms` knows);
+    other channels pass through."""
     x = a["self"] if "self" in a else a["input"]
     nd = len(x.shape)
     dims = _norm_dims(a.get("dim"), nd) if "dim" in a else list(range(nd))
     keep = bool(a.get("keepdim", False))
-    comps = _mix_along(ctx, _comps(ctx, x), set(dims), True, "channels mixed by a reduction")
+    comps = _comps(ctx, x)
+    if ctx.node.target.overloadpacket is aten.mean and dims == [statistic_dim(ctx.module(), nd)]:
+        for c in comps:
+            if set(c.dims) & set(dims):
+                ctx.mark_norm(c.atoms)
+        comps = [c for c in comps if not set(c.dims) & set(dims)]
+    comps = _mix_along(ctx, comps, set(dims), True, "channels mixed by a reduction")
     if not keep:
         comps = _shift(comps, lambda d: d - sum(1 for r in dims if r < d))
     if isinstance(out, list):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .groups import CONSUMER_ROLES, Groups
+from .norms import is_coded_norm, kept_forwards
 
 Kept = dict[str, dict[str, dict[int, list[int]]]]
 
@@ -166,7 +167,8 @@ def broadcast_mask(mask: torch.Tensor, dims: tuple[int, ...], ndim: int) -> torc
 
 @contextlib.contextmanager
 def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> Iterator[None]:
-    """Within this context, layer/group/RMS norms over channels of ``model``, and the
+    """Within this context, layer/group/RMS norms over channels of ``model``, the norms timm
+    writes in module code (:mod:`ptsp.norms`), and the
     standardisation of a conv weight over its input columns, take their statistics over the kept
     channels only (a standardised weight's removed columns become zero): what the pruned model
     computes (the reference of the surgery check, and phase 1's student under
@@ -187,6 +189,13 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
                     keep[id(t)] = keep.get(id(t), torch.ones(t.shape, dtype=torch.bool)) & ~gone
                 else:
                     columns[t.data_ptr()] = columns.get(t.data_ptr(), True) & ~gone[0].reshape(-1)
+    coded: dict[int, torch.Tensor] = {}  # id of a norm written in module code -> kept channels
+    for path, module in model.named_modules():
+        if is_coded_norm(module):
+            gone = next((ext[m.channel] for g in groups for m in g.members
+                         if m.tensor == f"{path}.weight" and m.dims == (0,)), None)
+            if gone is not None and gone.any():
+                coded[id(module)] = torch.as_tensor(~gone)
     ln, gn, rms, bn = torch.layer_norm, torch.group_norm, getattr(torch, "rms_norm", None), torch.batch_norm
 
     def layer_norm(x, shape, weight=None, bias=None, eps=1e-5, *cudnn):
@@ -239,7 +248,8 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
     if rms is not None:
         torch.rms_norm = rms_norm
     try:
-        yield
+        with kept_forwards(coded):
+            yield
     finally:
         torch.layer_norm, torch.group_norm, torch.batch_norm = ln, gn, bn
         if rms is not None:

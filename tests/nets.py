@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, ScaledStdConv2d, StdConv2d
+from timm.layers import LayerNorm2d, RmsNorm2d, ScaledStdConv2d, StdConv2d
+from timm.layers.grn import GlobalResponseNorm
 from timm.layers.norm_act import BatchNormAct2d
 from timm.models.vision_transformer import Attention, LayerScale
 from torch import nn
@@ -141,6 +142,60 @@ class Heads(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
         x = x + self.attn(x)
         return self.head(x[:, 0])
+
+
+class RelativeBias(nn.Module):
+    """Window attention with a relative-position bias table (swin): a flat buffer of positions
+    picks each head's bias, so the table's heads follow the attention heads and the buffer's
+    elements are positions, never channels."""
+
+    def __init__(self, heads: int = 4, side: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, 32 // heads
+        self.embed = nn.Conv2d(3, 32, 4, stride=4)
+        self.qkv = nn.Linear(32, 3 * 32)
+        self.table = nn.Parameter(torch.randn((2 * side - 1) ** 2, heads) * 0.1)
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        pos = torch.stack([rows.flatten(), cols.flatten()])
+        rel = (pos[:, :, None] - pos[:, None, :]) + side - 1
+        self.register_buffer("index", (rel[0] * (2 * side - 1) + rel[1]).flatten(), persistent=False)
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.head(x.mean(1))
+
+
+class CodedNorms(nn.Module):
+    """Norms timm writes in module code: mobilenetv5's RmsNorm2d on the residual stream, and
+    ConvNeXt-V2's MLP, where a global response norm divides each hidden channel's response by
+    their mean over channels (channels last), and once more on a conv's output (channels first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.rms = RmsNorm2d(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.grn = GlobalResponseNorm(32)
+        self.fc2 = nn.Linear(32, 16)
+        self.conv = nn.Conv2d(16, 24, 3, padding=1)
+        self.grn2 = GlobalResponseNorm(24, channels_last=False)
+        self.head = nn.Linear(24, 5)
+        for grn in (self.grn, self.grn2):  # timm starts them at zero: the identity
+            nn.init.normal_(grn.weight)
+            nn.init.normal_(grn.bias)
+        nn.init.uniform_(self.rms.weight, 0.5, 1.5)
+
+    def forward(self, x):
+        x = self.rms(self.stem(x))
+        x = x + self.fc2(self.grn(F.gelu(self.fc1(x.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return self.head(self.grn2(F.relu(self.conv(x))).mean((2, 3)))
 
 
 class EinsumAttention(nn.Module):
@@ -396,7 +451,7 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Standardised, Tokens, Heads, Einsum, Gated, Mixed, Scales,
+                                      Standardised, CodedNorms, Tokens, Heads, RelativeBias, Einsum, Gated, Mixed, Scales,
                                       CrossStage, Paths, PixelShuffle, Windows, SharedModule)}
 
 

@@ -145,6 +145,18 @@ def test_standardised_weights_normalise_the_columns_they_keep():
     assert blocks.prunable and blocks.channels == 4
 
 
+def test_norms_in_module_code_normalise_channels():
+    """timm's RmsNorm2d and GlobalResponseNorm take their statistic as a mean over channels in
+    module code: those channels cross a normalisation (statistics over the kept ones), channels
+    last or first, and the norm's weight follows them."""
+    model = NETS["CodedNorms"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    for producer, norm in (("stem.weight", "rms"), ("fc1.weight", "grn"), ("conv.weight", "grn2")):
+        g = by_tensor(groups, producer)
+        assert g.prunable and g.norm_crossing
+        assert f"{norm}.weight" in {m.tensor for m in g.members}
+
+
 def test_paths_cut_from_one_dim_go_together():
     """A view into (num_paths, C // num_paths), softmax and sum across the paths (timm's selective
     kernel): channel i of every path is one channel, with fc_select's rows i and C + i."""
@@ -226,6 +238,18 @@ def test_attention_heads(fused):
     assert err <= EXACT
     pruned = ptsp.prune(model, None, 0.5, method="magnitude", example_inputs=x_for()[:1])
     assert pruned.attn.num_heads < 4 and pruned.attn.attn_dim == pruned.attn.num_heads * pruned.attn.head_dim
+
+
+def test_index_tensors_are_positions():
+    """The tensor used as indices addresses positions: its elements stay, while the table it
+    gathers from keeps a channel dim (heads) that follows the attention heads."""
+    model = NETS["RelativeBias"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    index = by_tensor(groups, "index")
+    assert not index.prunable and any("used as indices" in r for r in index.reasons)
+    heads = by_tensor(groups, "table", dim=1)
+    assert heads.prunable and heads.channels == 4
+    assert "qkv.weight" in {m.tensor for m in heads.members}
 
 
 def test_unknown_op_pins_and_warns():

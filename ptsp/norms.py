@@ -1,0 +1,79 @@
+"""Norms that timm writes out in module code rather than as one torch op.
+
+Their statistic over channels is a ``mean`` across the channel dim: in code we do not know that
+mixes channels and pins them, but in these modules it normalises them, as a layer norm's does.
+The group builder asks :func:`statistic_dim` which mean that is; the surgery reference
+(:func:`ptsp.surgery.kept_statistics`) runs :func:`kept_forwards`, in which they take it over the
+kept channels, as the pruned module does.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+KeptForward = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _response_norm(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """timm's GlobalResponseNorm (ConvNeXt-V2) with its channel mean over the ``k`` (0/1) channels."""
+    k = k.view(m.wb_shape)
+    x_g = x.norm(p=2, dim=m.spatial_dim, keepdim=True)
+    x_n = x_g / ((x_g * k).sum(m.channel_dim, keepdim=True) / k.sum() + m.eps)
+    return x + torch.addcmul(m.bias.view(m.wb_shape), m.weight.view(m.wb_shape), x * x_n)
+
+
+def _rms_norm2d(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """timm's RmsNorm2d (NCHW, mobilenetv5) with its mean square over the ``k`` channels."""
+    k = k.view(1, -1, 1, 1)
+    v = (x * x * k).sum(1, keepdim=True) / k.sum()
+    return x * torch.rsqrt(v + m.eps) * m.weight.view(1, -1, 1, 1)
+
+
+def _known() -> dict[type, tuple[Callable[[nn.Module], int], KeptForward]]:
+    """Module class -> (its channel dim, its forward over kept channels). Imported on use: timm
+    is only needed by models that have these modules."""
+    from timm.layers.grn import GlobalResponseNorm
+    from timm.layers.norm import RmsNorm2d, RmsNorm2dFp32
+
+    return {GlobalResponseNorm: (lambda m: m.channel_dim, _response_norm),
+            RmsNorm2d: (lambda m: 1, _rms_norm2d),
+            RmsNorm2dFp32: (lambda m: 1, _rms_norm2d)}
+
+
+def is_coded_norm(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a norm known here. One without a weight is left out: the reference
+    finds its kept channels through its weight's member."""
+    return type(module) in _known() and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def statistic_dim(module: nn.Module | None, ndim: int) -> int | None:
+    """The dim (of an ``ndim`` input) over which ``module`` takes a channel norm's statistic as
+    a ``mean`` in its code, or None."""
+    return _known()[type(module)][0](module) % ndim if is_coded_norm(module) else None
+
+
+@contextlib.contextmanager
+def kept_forwards(kept: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Within this context, the known modules whose id is in ``kept`` (-> bool mask of kept
+    channels) take their statistic over those channels, in float32, and give the input's dtype."""
+    known = _known()
+    originals = {cls: cls.forward for cls in known}
+
+    def patched(cls: type, fn: KeptForward) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+        def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            k = kept.get(id(self))
+            if k is None:
+                return originals[cls](self, x)
+            return fn(self, x.float(), k.to(x.device, torch.float32)).to(x.dtype)
+        return forward
+
+    for cls, (_, fn) in known.items():
+        cls.forward = patched(cls, fn)
+    try:
+        yield
+    finally:
+        for cls, forward in originals.items():
+            cls.forward = forward
