@@ -32,15 +32,23 @@ def _rms_norm2d(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(v + m.eps) * m.weight.view(1, -1, 1, 1)
 
 
+def _rms_norm_act2d(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """timm's RmsNormAct2d: :func:`_rms_norm2d`, then its dropout and activation."""
+    return m.act(m.drop(_rms_norm2d(m, x, k)))
+
+
 def _known() -> dict[type, tuple[Callable[[nn.Module], int], KeptForward]]:
-    """Module class -> (its channel dim, its forward over kept channels). Imported on use: timm
-    is only needed by models that have these modules."""
+    """Module class -> (its channel dim, its forward over kept channels). Exact classes: a
+    subclass may compute more (RmsNormAct2d adds an activation). Imported on use: timm is only
+    needed by models that have these modules."""
     from timm.layers.grn import GlobalResponseNorm
     from timm.layers.norm import RmsNorm2d, RmsNorm2dFp32
+    from timm.layers.norm_act import RmsNormAct2d, RmsNormAct2dFp32
 
+    channels = lambda m: 1  # noqa: E731 (NCHW)
     return {GlobalResponseNorm: (lambda m: m.channel_dim, _response_norm),
-            RmsNorm2d: (lambda m: 1, _rms_norm2d),
-            RmsNorm2dFp32: (lambda m: 1, _rms_norm2d)}
+            RmsNorm2d: (channels, _rms_norm2d), RmsNorm2dFp32: (channels, _rms_norm2d),
+            RmsNormAct2d: (channels, _rms_norm_act2d), RmsNormAct2dFp32: (channels, _rms_norm_act2d)}
 
 
 def is_coded_norm(module: nn.Module | None) -> bool:

@@ -862,8 +862,10 @@ def _pin_indices(ctx: Context, indices: Iterable[Any]) -> None:
     removing some would shift what the others pick (a relative-position index buffer is a
     table of positions, not channels)."""
     for t in indices:
-        if isinstance(t, Value):
-            for c in _comps(ctx, t):
+        if isinstance(t, Value) and t.param is not None:  # a buffer: no member of its own for this
+            ctx.rigid(t, "used as indices")
+        elif isinstance(t, Value):
+            for c in ctx.canon(t):
                 ctx.pin(c.atoms, "tensor used as indices")
 
 

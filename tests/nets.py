@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, RmsNorm2d, ScaledStdConv2d, StdConv2d
 from timm.layers.grn import GlobalResponseNorm
-from timm.layers.norm_act import BatchNormAct2d
+from timm.layers.norm_act import BatchNormAct2d, RmsNormAct2d
 from timm.models.vision_transformer import Attention, LayerScale
 from torch import nn
 
@@ -173,7 +173,8 @@ class RelativeBias(nn.Module):
 
 
 class CodedNorms(nn.Module):
-    """Norms timm writes in module code: mobilenetv5's RmsNorm2d on the residual stream, and
+    """Norms timm writes in module code: mobilenetv5's RmsNorm2d on the residual stream (and
+    RmsNormAct2d after a conv), and
     ConvNeXt-V2's MLP, where a global response norm divides each hidden channel's response by
     their mean over channels (channels last), and once more on a conv's output (channels first)."""
 
@@ -186,16 +187,18 @@ class CodedNorms(nn.Module):
         self.fc2 = nn.Linear(32, 16)
         self.conv = nn.Conv2d(16, 24, 3, padding=1)
         self.grn2 = GlobalResponseNorm(24, channels_last=False)
+        self.rms_act = RmsNormAct2d(24, act_layer=nn.GELU)
         self.head = nn.Linear(24, 5)
         for grn in (self.grn, self.grn2):  # timm starts them at zero: the identity
             nn.init.normal_(grn.weight)
             nn.init.normal_(grn.bias)
-        nn.init.uniform_(self.rms.weight, 0.5, 1.5)
+        for rms in (self.rms, self.rms_act):
+            nn.init.uniform_(rms.weight, 0.5, 1.5)
 
     def forward(self, x):
         x = self.rms(self.stem(x))
         x = x + self.fc2(self.grn(F.gelu(self.fc1(x.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
-        return self.head(self.grn2(F.relu(self.conv(x))).mean((2, 3)))
+        return self.head(self.rms_act(self.grn2(F.relu(self.conv(x)))).mean((2, 3)))
 
 
 class EinsumAttention(nn.Module):

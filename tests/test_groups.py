@@ -146,15 +146,15 @@ def test_standardised_weights_normalise_the_columns_they_keep():
 
 
 def test_norms_in_module_code_normalise_channels():
-    """timm's RmsNorm2d and GlobalResponseNorm take their statistic as a mean over channels in
+    """timm's RmsNorm2d(Act) and GlobalResponseNorm take their statistic as a mean over channels in
     module code: those channels cross a normalisation (statistics over the kept ones), channels
     last or first, and the norm's weight follows them."""
     model = NETS["CodedNorms"]().eval()
     groups = ptsp.build_groups(model, x_for()[:1])
-    for producer, norm in (("stem.weight", "rms"), ("fc1.weight", "grn"), ("conv.weight", "grn2")):
+    for producer, norms in (("stem.weight", ["rms"]), ("fc1.weight", ["grn"]), ("conv.weight", ["grn2", "rms_act"])):
         g = by_tensor(groups, producer)
         assert g.prunable and g.norm_crossing
-        assert f"{norm}.weight" in {m.tensor for m in g.members}
+        assert {f"{norm}.weight" for norm in norms} <= {m.tensor for m in g.members}
 
 
 def test_paths_cut_from_one_dim_go_together():
@@ -250,6 +250,28 @@ def test_index_tensors_are_positions():
     heads = by_tensor(groups, "table", dim=1)
     assert heads.prunable and heads.channels == 4
     assert "qkv.weight" in {m.tensor for m in heads.members}
+
+
+def test_a_buffer_used_as_indices_keeps_its_size():
+    """A buffer that indexes and also meets channels as data: those channels stay, since
+    removing its elements would change what it picks."""
+
+    class Picks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 8)
+            self.table = torch.nn.Parameter(torch.randn(8, 8))
+            self.register_buffer("idx", torch.arange(8).flip(0))
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.proj(x) * self.idx.float() + self.table[self.idx].sum(0)
+            return self.head(h)
+
+    groups = ptsp.build_groups(Picks().eval(), torch.randn(1, 4))
+    g = by_tensor(groups, "proj.weight")
+    assert "idx" in {m.tensor for m in g.members}
+    assert not g.prunable and any("used as indices" in r for r in g.reasons)
 
 
 def test_unknown_op_pins_and_warns():
