@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, RmsNorm2d, ScaledStdConv2d, StdConv2d
 from timm.layers.grn import GlobalResponseNorm
+from timm.layers.pos_embed_rel import RelPosBias, RelPosMlp
 from timm.layers.norm_act import BatchNormAct2d, RmsNormAct2d
 from timm.models.vision_transformer import Attention, LayerScale
 from torch import nn
@@ -199,6 +200,33 @@ class CodedNorms(nn.Module):
         x = self.rms(self.stem(x))
         x = x + self.fc2(self.grn(F.gelu(self.fc1(x.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
         return self.head(self.rms_act(self.grn2(F.relu(self.conv(x)))).mean((2, 3)))
+
+
+class TimmRelPos(nn.Module):
+    """Window attention with timm's relative-position modules (RelPosBias, RelPosMlp):
+    their ``get_bias`` reshapes by ``bias_shape`` and ``num_heads``, which surgery keeps in sync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, stride=4)
+        self.num_heads, self.head_dim = 4, 8
+        self.qkv = nn.Linear(32, 96)
+        self.rel_pos = nn.ModuleList([RelPosBias((4, 4), 4), RelPosMlp((4, 4), 4, hidden_dim=16)])
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+        for m in self.rel_pos.modules():
+            for t in m.parameters(recurse=False):
+                nn.init.normal_(t, std=0.5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+        for rel_pos in self.rel_pos:
+            attn = rel_pos(attn)
+        x = x + self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+        return self.head(x.mean(1))
 
 
 class EinsumAttention(nn.Module):
@@ -454,8 +482,8 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Standardised, CodedNorms, Tokens, Heads, RelativeBias, Einsum, Gated, Mixed, Scales,
-                                      CrossStage, Paths, PixelShuffle, Windows, SharedModule)}
+                                      Standardised, CodedNorms, Tokens, Heads, RelativeBias, TimmRelPos, Einsum, Gated, Mixed,
+                                      Scales, CrossStage, Paths, PixelShuffle, Windows, SharedModule)}
 
 
 class SmallCNN(nn.Module):

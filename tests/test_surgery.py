@@ -15,7 +15,7 @@ from ptsp.importance import normalised_scores
 from ptsp.selection import select
 from ptsp.surgery import apply, criterion_error, kept_indices, zero_removed_inputs
 
-from nets import CrossStage, Heads, Mixed, Scales, Standardised, Windows
+from nets import CrossStage, Heads, Mixed, Scales, Standardised, TimmRelPos, Windows
 
 
 def _pruned(model, x, ratio=0.5):
@@ -170,3 +170,17 @@ def test_kept_statistics_stay_float32_under_bfloat16_autocast():
     with torch.autocast("cpu", torch.bfloat16):
         error = criterion_error(model, groups, removed, x)
     assert error < 0.05
+
+
+def test_relative_position_modules_follow_the_heads():
+    """timm's RelPosBias and RelPosMlp reshape their bias by ``bias_shape`` / ``num_heads``:
+    surgery sets them to the heads kept, so the pruned model runs without a repair."""
+    model, x = TimmRelPos().eval(), torch.randn(2, 3, 16, 16)
+    groups = ptsp.build_groups(model, x[:1])
+    heads = next(g for g in groups for m in g.members if m.tensor == "rel_pos.1.mlp.fc2.weight" and m.dims == (0,))
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[heads.ids[[0, 2]]] = True
+    pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
+    assert pruned.num_heads == 2 and pruned.rel_pos[1].num_heads == 2
+    assert [m.bias_shape for m in pruned.rel_pos] == [(16, 16, 2), (16, 16, 2)]
+    assert criterion_error(model, groups, removed, x) <= 1e-4
