@@ -230,7 +230,7 @@ def _plot(rows: list[dict], models: list[str], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(reference.MODELS), choices=list(reference.MODELS))
+    parser.add_argument("--models", nargs="+", default=reference.DEFAULT_MODELS, choices=list(reference.MODELS))
     parser.add_argument("--levels", nargs="+", type=float, default=LEVELS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--samples", type=int, default=512)

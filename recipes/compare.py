@@ -436,7 +436,7 @@ def _plot(rows: list[dict], models: list[str], path: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(reference.MODELS), choices=list(reference.MODELS))
+    ap.add_argument("--models", nargs="+", default=reference.DEFAULT_MODELS, choices=list(reference.MODELS))
     ap.add_argument("--levels", nargs="+", type=float, default=[0.3, 0.5, 0.7], help="FLOPs reductions")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--samples", type=int, default=512, help="calibration images (psp-4x: four times as many)")
