@@ -305,7 +305,8 @@ def remove_checked(model: nn.Module, groups: Groups, inputs: Any, skip: set[int]
     """Apply ``plan(skip)`` to a copy of ``model`` and run it on ``inputs``; returns the removal
     mask, the kept map, the pruned copy and the groups left out.
 
-    Some module code bakes widths into attributes the graph cannot see (``x.view(self.shape)``).
+    Some module code bakes widths into what the graph cannot see (``reshape(B, N, C)`` with ``C``
+    read from the input).
     When the pruned copy fails, the groups whose channels pass through the failing module are
     left unpruned and the plan is made again; one warning lists what was left out and why.
     """

@@ -154,6 +154,21 @@ def sync_attributes(modules: Iterable[nn.Module]) -> None:
                 m.num_groups = m.num_channels // per_group
         elif getattr(m, "weight", None) is not None and isinstance(getattr(m, "normalized_shape", None), tuple):
             m.normalized_shape = tuple(m.weight.shape)
+        else:
+            _sync_view_shape(m)
+
+
+def _sync_view_shape(m: nn.Module) -> None:
+    """A module whose one vector parameter is viewed by a ``shape`` attribute (timm metaformer's
+    ``Scale``: ``x * self.scale.view(self.shape)``, ``shape`` = (dim, 1, 1)): the one entry that is
+    not 1 follows the vector's length."""
+    shape, params = getattr(m, "shape", None), list(m.parameters(recurse=False))
+    if not (isinstance(shape, tuple) and all(type(n) is int for n in shape) and len(params) == 1
+            and params[0].dim() == 1):
+        return
+    wide = [i for i, n in enumerate(shape) if n != 1]
+    if len(wide) == 1 and shape[wide[0]] != params[0].numel():
+        m.shape = tuple(params[0].numel() if i == wide[0] else n for i, n in enumerate(shape))
 
 
 def zero_removed_inputs(model: nn.Module, groups: Groups, removed: np.ndarray) -> nn.Module:

@@ -184,3 +184,18 @@ def test_relative_position_modules_follow_the_heads():
     assert pruned.num_heads == 2 and pruned.rel_pos[1].num_heads == 2
     assert [m.bias_shape for m in pruned.rel_pos] == [(16, 16, 2), (16, 16, 2)]
     assert criterion_error(model, groups, removed, x) <= 1e-4
+
+
+def test_a_view_shape_attribute_follows_its_vector():
+    """timm metaformer's Scale views its vector by a ``shape`` attribute: surgery sets the entry
+    that is not 1, so the pruned model runs with nothing left out."""
+    from timm.models.metaformer import Scale
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = ptsp.build_groups(model, x[:1])
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[next(g for g in groups if g.prunable).ids[[1, 4, 6]]] = True
+    pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
+    assert pruned[1].shape == (5, 1, 1)
+    assert criterion_error(model, groups, removed, x) <= 1e-4
