@@ -101,19 +101,32 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
     return model
 
 
-def _relative_position_heads() -> dict[type, Callable[[nn.Module], tuple[int, int]]]:
-    """timm's relative-position bias modules keep their head count in ``bias_shape`` (and
-    ``num_heads``), read by ``get_bias``: class -> (where in ``bias_shape``, the heads its
-    tensors now have)."""
+def _bias_heads(m: nn.Module, at: int, heads: int) -> None:
+    m.bias_shape = tuple(heads if i == at % len(m.bias_shape) else n for i, n in enumerate(m.bias_shape))
+    if hasattr(m, "num_heads"):
+        m.num_heads = heads
+
+
+def _timm_widths() -> dict[type, Callable[[nn.Module], None]]:
+    """timm modules that keep a width in an attribute their code reads outside ``forward``'s
+    tensors' shapes: class -> sets it from their tensors. Relative-position biases hold their
+    head count in ``bias_shape`` (and ``num_heads``); ``BlurPool2d`` its ``channels`` (the
+    depthwise blur's groups)."""
+    from timm.layers.blur_pool import BlurPool2d
     from timm.layers.pos_embed_rel import RelPosBias, RelPosMlp
 
-    return {RelPosBias: lambda m: (-1, m.relative_position_bias_table.shape[1]),
-            RelPosMlp: lambda m: (-1, m.mlp.fc2.weight.shape[0])}
+    def blur(m: nn.Module) -> None:
+        if m.channels is not None:
+            m.channels = m.filt.shape[0]
+
+    return {RelPosBias: lambda m: _bias_heads(m, -1, m.relative_position_bias_table.shape[1]),
+            RelPosMlp: lambda m: _bias_heads(m, -1, m.mlp.fc2.weight.shape[0]),
+            BlurPool2d: blur}
 
 
 def sync_attributes(modules: Iterable[nn.Module]) -> None:
-    """Set width attributes (``out_channels``, ``num_features``, ``num_heads``, a relative-position
-    bias's ``bias_shape``, ...) from tensor shapes, so a module's Python code computes shapes that
+    """Set width attributes (``out_channels``, ``num_features``, ``num_heads``, the timm ones of
+    :func:`_timm_widths`, ...) from tensor shapes, so a module's Python code computes shapes that
     match its tensors again."""
     modules = list(modules)
     for m in modules:  # attention first: heads shrink with the projection that makes them
@@ -125,13 +138,10 @@ def sync_attributes(modules: Iterable[nn.Module]) -> None:
                 m.num_heads = heads * proj.weight.shape[0] // proj.out_features
             if isinstance(getattr(m, "attn_dim", None), int):
                 m.attn_dim = m.num_heads * head_dim
-    bias_heads = _relative_position_heads()
+    widths = _timm_widths()
     for m in modules:
-        if type(m) in bias_heads:
-            at, heads = bias_heads[type(m)](m)
-            m.bias_shape = tuple(heads if i == at % len(m.bias_shape) else n for i, n in enumerate(m.bias_shape))
-            if hasattr(m, "num_heads"):
-                m.num_heads = heads
+        if type(m) in widths:
+            widths[type(m)](m)
     for m in modules:
         if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:  # weight (in, out / groups, ...)
             m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups

@@ -186,16 +186,20 @@ def test_relative_position_modules_follow_the_heads():
     assert criterion_error(model, groups, removed, x) <= 1e-4
 
 
-def test_a_view_shape_attribute_follows_its_vector():
-    """timm metaformer's Scale views its vector by a ``shape`` attribute: surgery sets the entry
-    that is not 1, so the pruned model runs with nothing left out."""
+@pytest.mark.parametrize("layer", ["Scale", "BlurPool2d"])
+def test_width_attributes_follow_their_tensors(layer):
+    """timm metaformer's Scale views its vector by a ``shape`` attribute (the one entry that is
+    not 1 follows the vector), BlurPool2d runs its depthwise blur with ``groups=self.channels``:
+    surgery sets both, so the pruned model runs with nothing left out."""
+    from timm.layers.blur_pool import BlurPool2d
     from timm.models.metaformer import Scale
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
-    x = torch.randn(2, 3, 8, 8)
+    middle = Scale(8) if layer == "Scale" else BlurPool2d(8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), middle, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 12, 12)
     groups = ptsp.build_groups(model, x[:1])
     removed = np.zeros(groups.num_channels, dtype=bool)
     removed[next(g for g in groups if g.prunable).ids[[1, 4, 6]]] = True
     pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
-    assert pruned[1].shape == (5, 1, 1)
+    assert (pruned[1].shape == (5, 1, 1)) if layer == "Scale" else (pruned[1].channels == 5)
     assert criterion_error(model, groups, removed, x) <= 1e-4
