@@ -1,15 +1,15 @@
 """Norms that timm writes out in module code rather than as one torch op.
 
-Their statistic over channels is a ``mean`` across the channel dim: in code we do not know that
-mixes channels and pins them, but in these modules it normalises them, as a layer norm's does.
-The group builder asks :func:`statistic_dim` which mean that is; the surgery reference
+Their statistic over channels is a ``mean`` (or ``var``) across the channel dim: in code we do not
+know that mixes channels and pins them, but in these modules it normalises them, as a layer norm's
+does. The group builder asks :func:`statistic_dim` which reduction that is; the surgery reference
 (:func:`ptsp.surgery.kept_statistics`) runs :func:`kept_forwards`, in which they take it over the
 kept channels, as the pruned module does.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,18 +37,34 @@ def _rms_norm_act2d(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Ten
     return m.act(m.drop(_rms_norm2d(m, x, k)))
 
 
-def _known() -> dict[type, tuple[Callable[[nn.Module], int], KeptForward]]:
-    """Module class -> (its channel dim, its forward over kept channels). Exact classes: a
-    subclass may compute more (RmsNormAct2d adds an activation). Imported on use: timm is only
-    needed by models that have these modules."""
+def _simple_norm(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """timm's SimpleNorm (channels last): x / std(x) with the (unbiased) variance over the ``k``
+    channels."""
+    n = k.sum()
+    mean = (x * k).sum(-1, keepdim=True) / n
+    v = ((x - mean) ** 2 * k).sum(-1, keepdim=True) / (n - 1)
+    return x * torch.rsqrt(v + m.eps) * m.weight
+
+
+def _simple_norm2d(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """timm's SimpleNorm2d: :func:`_simple_norm` on the NCHW input made channels last."""
+    return _simple_norm(m, x.permute(0, 2, 3, 1), k).permute(0, 3, 1, 2)
+
+
+def _known() -> dict[type, tuple[Any, Callable[[nn.Module], int], KeptForward]]:
+    """Module class -> (the ATen op of its statistic, the channel dim it takes it over, its
+    forward over kept channels). Exact classes: a subclass may compute more (RmsNormAct2d adds an
+    activation). Imported on use: timm is only needed by models that have these modules."""
     from timm.layers.grn import GlobalResponseNorm
-    from timm.layers.norm import RmsNorm2d, RmsNorm2dFp32
+    from timm.layers.norm import RmsNorm2d, RmsNorm2dFp32, SimpleNorm, SimpleNorm2d
     from timm.layers.norm_act import RmsNormAct2d, RmsNormAct2dFp32
 
-    channels = lambda m: 1  # noqa: E731 (NCHW)
-    return {GlobalResponseNorm: (lambda m: m.channel_dim, _response_norm),
-            RmsNorm2d: (channels, _rms_norm2d), RmsNorm2dFp32: (channels, _rms_norm2d),
-            RmsNormAct2d: (channels, _rms_norm_act2d), RmsNormAct2dFp32: (channels, _rms_norm_act2d)}
+    mean, var = torch.ops.aten.mean, torch.ops.aten.var
+    first, last = (lambda m: 1), (lambda m: -1)  # NCHW; channels last (SimpleNorm2d permutes)
+    return {GlobalResponseNorm: (mean, lambda m: m.channel_dim, _response_norm),
+            RmsNorm2d: (mean, first, _rms_norm2d), RmsNorm2dFp32: (mean, first, _rms_norm2d),
+            RmsNormAct2d: (mean, first, _rms_norm_act2d), RmsNormAct2dFp32: (mean, first, _rms_norm_act2d),
+            SimpleNorm: (var, last, _simple_norm), SimpleNorm2d: (var, last, _simple_norm2d)}
 
 
 def is_coded_norm(module: nn.Module | None) -> bool:
@@ -57,10 +73,13 @@ def is_coded_norm(module: nn.Module | None) -> bool:
     return type(module) in _known() and isinstance(getattr(module, "weight", None), nn.Parameter)
 
 
-def statistic_dim(module: nn.Module | None, ndim: int) -> int | None:
-    """The dim (of an ``ndim`` input) over which ``module`` takes a channel norm's statistic as
-    a ``mean`` in its code, or None."""
-    return _known()[type(module)][0](module) % ndim if is_coded_norm(module) else None
+def statistic_dim(module: nn.Module | None, op: Any, ndim: int) -> int | None:
+    """The dim (of an ``ndim`` input) over which ``module`` takes a channel norm's statistic with
+    the ATen op (overload packet) ``op`` in its code, or None."""
+    if not is_coded_norm(module):
+        return None
+    stat, dim, _ = _known()[type(module)]
+    return dim(module) % ndim if op is stat else None
 
 
 @contextlib.contextmanager
@@ -78,7 +97,7 @@ def kept_forwards(kept: dict[int, torch.Tensor]) -> Iterator[None]:
             return fn(self, x.float(), k.to(x.device, torch.float32)).to(x.dtype)
         return forward
 
-    for cls, (_, fn) in known.items():
+    for cls, (_, _, fn) in known.items():
         cls.forward = patched(cls, fn)
     try:
         yield

@@ -958,7 +958,7 @@ def reduction(ctx: Context, a: dict, out: Any) -> Any:
     dims = _norm_dims(a.get("dim"), nd) if "dim" in a else list(range(nd))
     keep = bool(a.get("keepdim", False))
     comps = _comps(ctx, x)
-    if ctx.node.target.overloadpacket is aten.mean and dims == [statistic_dim(ctx.module(), nd)]:
+    if dims == [statistic_dim(ctx.module(), ctx.node.target.overloadpacket, nd)]:
         for c in comps:
             if set(c.dims) & set(dims):
                 ctx.mark_norm(c.atoms)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, RmsNorm2d, ScaledStdConv2d, StdConv2d
+from timm.layers import LayerNorm2d, RmsNorm2d, ScaledStdConv2d, SimpleNorm2d, StdConv2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.pos_embed_rel import RelPosBias, RelPosMlp
 from timm.layers.norm_act import BatchNormAct2d, RmsNormAct2d
@@ -175,7 +175,7 @@ class RelativeBias(nn.Module):
 
 class CodedNorms(nn.Module):
     """Norms timm writes in module code: mobilenetv5's RmsNorm2d on the residual stream (and
-    RmsNormAct2d after a conv), and
+    RmsNormAct2d after a conv, then convnext_zepto_rms's SimpleNorm2d), and
     ConvNeXt-V2's MLP, where a global response norm divides each hidden channel's response by
     their mean over channels (channels last), and once more on a conv's output (channels first)."""
 
@@ -189,17 +189,18 @@ class CodedNorms(nn.Module):
         self.conv = nn.Conv2d(16, 24, 3, padding=1)
         self.grn2 = GlobalResponseNorm(24, channels_last=False)
         self.rms_act = RmsNormAct2d(24, act_layer=nn.GELU)
+        self.simple = SimpleNorm2d(24)
         self.head = nn.Linear(24, 5)
         for grn in (self.grn, self.grn2):  # timm starts them at zero: the identity
             nn.init.normal_(grn.weight)
             nn.init.normal_(grn.bias)
-        for rms in (self.rms, self.rms_act):
-            nn.init.uniform_(rms.weight, 0.5, 1.5)
+        for norm in (self.rms, self.rms_act, self.simple):
+            nn.init.uniform_(norm.weight, 0.5, 1.5)
 
     def forward(self, x):
         x = self.rms(self.stem(x))
         x = x + self.fc2(self.grn(F.gelu(self.fc1(x.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
-        return self.head(self.rms_act(self.grn2(F.relu(self.conv(x)))).mean((2, 3)))
+        return self.head(self.simple(self.rms_act(self.grn2(F.relu(self.conv(x))))).mean((2, 3)))
 
 
 class TimmRelPos(nn.Module):

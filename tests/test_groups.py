@@ -146,12 +146,13 @@ def test_standardised_weights_normalise_the_columns_they_keep():
 
 
 def test_norms_in_module_code_normalise_channels():
-    """timm's RmsNorm2d(Act) and GlobalResponseNorm take their statistic as a mean over channels in
-    module code: those channels cross a normalisation (statistics over the kept ones), channels
-    last or first, and the norm's weight follows them."""
+    """timm's RmsNorm2d(Act), SimpleNorm2d and GlobalResponseNorm take their statistic (a mean, a
+    variance) over channels in module code: those channels cross a normalisation (statistics over
+    the kept ones), channels last or first, and the norm's weight follows them."""
     model = NETS["CodedNorms"]().eval()
     groups = ptsp.build_groups(model, x_for()[:1])
-    for producer, norms in (("stem.weight", ["rms"]), ("fc1.weight", ["grn"]), ("conv.weight", ["grn2", "rms_act"])):
+    for producer, norms in (("stem.weight", ["rms"]), ("fc1.weight", ["grn"]),
+                            ("conv.weight", ["grn2", "rms_act", "simple"])):
         g = by_tensor(groups, producer)
         assert g.prunable and g.norm_crossing
         assert {f"{norm}.weight" for norm in norms} <= {m.tensor for m in g.members}
