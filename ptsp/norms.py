@@ -9,6 +9,7 @@ kept channels, as the pruned module does.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator
 
 import torch
@@ -51,6 +52,7 @@ def _simple_norm2d(m: nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tens
     return _simple_norm(m, x.permute(0, 2, 3, 1), k).permute(0, 3, 1, 2)
 
 
+@functools.cache
 def _known() -> dict[type, tuple[Any, Callable[[nn.Module], int], KeptForward]]:
     """Module class -> (the ATen op of its statistic, the channel dim it takes it over, its
     forward over kept channels). Exact classes: a subclass may compute more (RmsNormAct2d adds an

@@ -951,8 +951,8 @@ def repeat(ctx: Context, a: dict, out: Any) -> Value:
       aten.var_mean, aten.all, aten.any)
 def reduction(ctx: Context, a: dict, out: Any) -> Any:
     """Reducing over a channel dim mixes channels (pinned, unless the channels are cut into parts:
-    :func:`_mix_along`, or the mean is a norm's statistic in a module :mod:`ptsp.norms` knows);
-    other channels pass through."""
+    :func:`_mix_along`, or the reduction is a norm's statistic in a module :mod:`ptsp.norms`
+    knows); other channels pass through."""
     x = a["self"] if "self" in a else a["input"]
     nd = len(x.shape)
     dims = _norm_dims(a.get("dim"), nd) if "dim" in a else list(range(nd))

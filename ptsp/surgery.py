@@ -102,6 +102,7 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
 
 
 def _bias_heads(m: nn.Module, at: int, heads: int) -> None:
+    """Set a relative-position bias's head count, entry ``at`` of its ``bias_shape``."""
     m.bias_shape = tuple(heads if i == at % len(m.bias_shape) else n for i, n in enumerate(m.bias_shape))
     if hasattr(m, "num_heads"):
         m.num_heads = heads
@@ -232,13 +233,12 @@ def kept_statistics(model: nn.Module, groups: Groups, removed: np.ndarray) -> It
                     keep[id(t)] = keep.get(id(t), torch.ones(t.shape, dtype=torch.bool)) & ~gone
                 else:
                     columns[t.data_ptr()] = columns.get(t.data_ptr(), True) & ~gone[0].reshape(-1)
+    rows = {m.tensor: ext[m.channel] for g in groups for m in g.members if m.dims == (0,)}
     coded: dict[int, torch.Tensor] = {}  # id of a norm written in module code -> kept channels
     for path, module in model.named_modules():
-        if is_coded_norm(module):
-            gone = next((ext[m.channel] for g in groups for m in g.members
-                         if m.tensor == f"{path}.weight" and m.dims == (0,)), None)
-            if gone is not None and gone.any():
-                coded[id(module)] = torch.as_tensor(~gone)
+        gone = rows.get(f"{path}.weight") if is_coded_norm(module) else None
+        if gone is not None and gone.any():
+            coded[id(module)] = torch.as_tensor(~gone)
     ln, gn, rms, bn = torch.layer_norm, torch.group_norm, getattr(torch, "rms_norm", None), torch.batch_norm
 
     def layer_norm(x, shape, weight=None, bias=None, eps=1e-5, *cudnn):
