@@ -130,7 +130,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if output.exists() and not args.overwrite:
         raise CliError(f"{output} exists; pass --overwrite to replace it or --output elsewhere")
     if args.method == "magnitude" and args.augment != "none":
-        raise CliError("--augment remixes calibration batches: it applies to the calibrated methods, "
+        raise CliError("--augment varies calibration batches: it applies to the calibrated methods, "
                        "not --method magnitude")
     model = _model(args)
     x = _inputs(model, args.device)
@@ -284,8 +284,8 @@ def _parser() -> argparse.ArgumentParser:
                    default="psp", help="default psp; magnitude needs no calibration data")
     p.add_argument("--importance", help="channel criterion: auto, l2, l1, bn_scale, taylor or random "
                    "(default: auto for the calibrated methods, l2 for magnitude)")
-    p.add_argument("--augment", choices=["none", "mixup", "cutmix"], default="none",
-                   help="remix each calibration batch (ptsp.Reconstruction's augment; default none): "
+    p.add_argument("--augment", choices=["none", "flip", "shift", "mixup", "cutmix"],
+                   default="none", help="vary each calibration batch (ptsp.Reconstruction's augment; default none): "
                    "cutmix with --importance taylor keeps the most of a densenet")
     p.add_argument("--calib", help="calibration images: a folder (images or parquet) or a datasets name")
     p.add_argument("--num-samples", type=int, default=512, help="calibration images (default 512)")

@@ -111,8 +111,8 @@ def prune(model: nn.Module, calib_loader: Iterable | None = None, ratio: float =
         inputs = default_inputs(model).to(device)
     if batches is not None:
         _check_fits(model, batches[0][:1].to(device))
-        if settings.augment == "cutmix" and method != "bn" and batches[0].dim() < 4:
-            raise ValueError("Reconstruction(augment='cutmix') needs image batches (N, C, H, W), "
+        if settings.augment in ("flip", "shift", "cutmix") and method != "bn" and batches[0].dim() != 4:
+            raise ValueError(f"Reconstruction(augment={settings.augment!r}) needs image batches (N, C, H, W), "
                              f"got shape {tuple(batches[0].shape)}")
         if method != "bn" and settings.bn.startswith("train"):
             batches = join_single_images(model, batches)

@@ -55,6 +55,9 @@ SINGLE: dict[str, dict] = {
     "phase1_passes=10": {"phase1_passes": 10},
     "augment=mixup": {"augment": "mixup"},
     "augment=cutmix": {"augment": "cutmix"},
+    "augment=flip": {"augment": "flip"},
+    "augment=shift": {"augment": "shift"},
+    **{f"relative_lr, lr={name}": {"relative_lr": True, "lr": float(name)} for name in ("3e-3", "1e-2", "3e-2")},
 }
 #: the paper's loss choices (the defaults until this ablation favoured the authors' code)
 L2_KEPT = {"penalty": "l2", "phase1_targets": "kept"}

@@ -16,9 +16,9 @@ from torch import nn
 
 import ptsp
 from ptsp.groups import build_groups
-from ptsp.reconstruction import (_CHUNK, Reconstruction, _Adam, _cache_bytes, _Hooks,
+from ptsp.reconstruction import (_CHUNK, RELATIVE_FLOOR, Reconstruction, _Adam, _cache_bytes, _Hooks,
                                  _modified_in_place, _norm, _param_groups, _pieces,
-                                 _RelativeError, _remix, _selections, _Target, doomed_masks, join_single_images,
+                                 _RelativeError, _augment, _selections, _Target, doomed_masks, join_single_images,
                                  layer_names, phase1, reestimate_bn)
 from ptsp.surgery import apply, kept_indices, kept_statistics
 
@@ -388,6 +388,20 @@ def test_balanced_rates_follow_execution_order():
     assert {g["lr"] for g in flat} == {1e-3}
 
 
+def test_relative_rates_scale_each_tensor_by_its_rms():
+    model = OutOfOrder()
+    with torch.no_grad():
+        model.head.weight.mul_(10)
+        model.head.bias.zero_()
+    x = torch.randn(1, 3, 8, 8)
+    groups = _param_groups(model, x, 1e-2, True, "execution", relative=True)
+    lr = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert all(len(g["params"]) == 1 for g in groups)
+    for p, rate in ((model.body.weight, 1e-2 / 2), (model.head.weight, 1e-2)):
+        assert lr[id(p)] == pytest.approx(rate * p.detach().square().mean().sqrt().item())
+    assert lr[id(model.head.bias)] == pytest.approx(1e-2 * RELATIVE_FLOOR)  # zeros still move
+
+
 def test_adam_with_a_rate_per_parameter_is_torchs_adam_over_groups():
     """One multi-tensor step for all parameters gives torch's Adam over one group per rate, bit
     for bit, parameters that miss a gradient in some steps included."""
@@ -502,12 +516,12 @@ def test_teacher_cache_budget_is_the_setting_or_half_the_free_memory():
     assert 0 < _cache_bytes(None, cpu) < 2**60
 
 
-def test_remix_mixes_each_image_with_another_of_its_batch():
+def test_mixing_takes_each_image_with_another_of_its_batch():
     x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()  # image i is all i
-    blend = _remix(x, "mixup", torch.Generator().manual_seed(0))
+    blend = _augment(x, "mixup", torch.Generator().manual_seed(0))
     assert blend.shape == x.shape and not torch.equal(blend, x)
     assert all(img.unique().numel() == 1 for img in blend)  # one weight per image
-    cut = _remix(x, "cutmix", torch.Generator().manual_seed(0))
+    cut = _augment(x, "cutmix", torch.Generator().manual_seed(0))
     pasted = cut != x
     rows, cols = pasted.any(0)[0].any(1), pasted.any(0)[0].any(0)
     side = int(rows.sum())
@@ -516,10 +530,33 @@ def test_remix_mixes_each_image_with_another_of_its_batch():
     assert torch.equal(cut[..., outside], x[..., outside])
     for img in cut:  # inside the square: one other image of the batch, or itself
         assert img[0][rows[:, None] & cols[None, :]].unique().numel() == 1
-    assert torch.equal(cut, _remix(x, "cutmix", torch.Generator().manual_seed(0)))
+    assert torch.equal(cut, _augment(x, "cutmix", torch.Generator().manual_seed(0)))
 
 
-@pytest.mark.parametrize("augment", ["mixup", "cutmix"])
+def test_flip_and_shift_move_each_image_alone():
+    x = torch.randn(16, 2, 9, 12)
+    flipped = _augment(x, "flip", torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(f, i.flip(-1)) for f, i in zip(flipped, x)]
+    kept = [torch.equal(f, i) for f, i in zip(flipped, x)]
+    assert all(m != k for m, k in zip(mirrored, kept)) and 0 < sum(mirrored) < len(x)
+    shifted = _augment(x, "shift", torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape
+    moved = 0
+    for s, i in zip(shifted, x):  # a window of the edge-padded image (mirrored or not), ≤ 1 pixel away
+        for image in (i, i.flip(-1)):
+            padded = F.pad(image[None], (1,) * 4, mode="replicate")[0]
+            windows = [(dy, dx) for dy in range(3) for dx in range(3)
+                       if torch.equal(s, padded[:, dy:dy + 9, dx:dx + 12])]
+            if windows:
+                moved += windows != [(1, 1)]
+                break
+        else:
+            raise AssertionError("not a shifted image")
+    assert moved > 0
+    assert torch.equal(shifted, _augment(x, "shift", torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("augment", ["flip", "shift", "mixup", "cutmix"])
 def test_augmented_reconstruction_is_seeded_and_runs_the_teacher_every_pass(trained, fmnist, augment):
     calib = ptsp.data.calibration_loader(fmnist[0], 64, 32)
     settings = Reconstruction(phase1_passes=2, phase2_passes=2, progress=False, augment=augment)
@@ -530,9 +567,10 @@ def test_augmented_reconstruction_is_seeded_and_runs_the_teacher_every_pass(trai
     assert not report["phase1"]["teacher_cached"] and not report["phase2"]["teacher_cached"]
     plain = ptsp.prune(trained, calib, 0.5, reconstruction=dataclasses.replace(settings, augment="none"))
     assert not all(torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), plain.state_dict().values()))
-    with pytest.raises(ValueError, match="cutmix"):
-        ptsp.prune(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [torch.randn(8, 4)], 0.5,
-                   reconstruction=Reconstruction(augment="cutmix"))
+    if augment != "mixup":  # the others need images
+        with pytest.raises(ValueError, match=augment):
+            ptsp.prune(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [torch.randn(8, 4)], 0.5,
+                       reconstruction=Reconstruction(augment=augment))
 
 
 def test_authors_settings_run(trained, fmnist):
@@ -560,7 +598,8 @@ def test_non_finite_loss_stops_and_restores(trained, fmnist):
     ({"lmbda": float("nan")}, "lmbda"), ({"micro_batch": 0}, "micro_batch"),
     ({"balance": "all"}, "balance"), ({"order": "random"}, "order"), ({"phase1_targets": "x"}, "phase1_targets"),
     ({"micro_batch": 1}, "two images"), ({"teacher_cache_gb": -1}, "teacher_cache_gb"),
-    ({"teacher_cache_gb": True}, "teacher_cache_gb"), ({"augment": "flip"}, "augment"),
+    ({"teacher_cache_gb": True}, "teacher_cache_gb"), ({"augment": "rotate"}, "augment"),
+    ({"relative_lr": 1}, "relative_lr"),
 ])
 def test_bad_settings(changes, match):
     with pytest.raises(ValueError, match=match):
