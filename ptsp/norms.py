@@ -2,7 +2,8 @@
 
 Their statistic over channels is a ``mean`` (or ``var``) across the channel dim: in code we do not
 know that mixes channels and pins them, but in these modules it normalises them, as a layer norm's
-does. The group builder asks :func:`statistic_dim` which reduction that is; the surgery reference
+does. The grouped EvoNorms take it over fixed-size groups of channels, as a group norm: whole
+groups go, and their ``groups`` attribute follows (:func:`is_grouped_norm`). The group builder asks :func:`statistic_dim` which reduction that is; the surgery reference
 (:func:`ptsp.surgery.kept_statistics`) runs :func:`kept_forwards`, in which they take it over the
 kept channels, as the pruned module does.
 """
@@ -67,6 +68,22 @@ def _known() -> dict[type, tuple[Any, Callable[[nn.Module], int], KeptForward]]:
             RmsNorm2d: (mean, first, _rms_norm2d), RmsNorm2dFp32: (mean, first, _rms_norm2d),
             RmsNormAct2d: (mean, first, _rms_norm_act2d), RmsNormAct2dFp32: (mean, first, _rms_norm_act2d),
             SimpleNorm: (var, last, _simple_norm), SimpleNorm2d: (var, last, _simple_norm2d)}
+
+
+@functools.cache
+def _grouped() -> tuple[type, ...]:
+    """timm's EvoNorms that take their statistic over groups of channels, reshaping the channel
+    dim into ``(self.groups, C // self.groups)``."""
+    from timm.layers import evo_norm
+
+    return (evo_norm.EvoNorm2dS0, evo_norm.EvoNorm2dS0a, evo_norm.EvoNorm2dS1,
+            evo_norm.EvoNorm2dS1a, evo_norm.EvoNorm2dS2, evo_norm.EvoNorm2dS2a)
+
+
+def is_grouped_norm(module: nn.Module | None) -> bool:
+    """Whether ``module`` normalises ``module.groups`` groups of channels of one fixed size: whole
+    groups may go (each keeps its statistic), and surgery sets ``groups`` to those kept."""
+    return type(module) in _grouped() and isinstance(getattr(module, "groups", None), int)
 
 
 def is_coded_norm(module: nn.Module | None) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .norms import statistic_dim
+from .norms import is_grouped_norm, statistic_dim
 from .tracing import Comp, Context, Value
 
 aten = torch.ops.aten
@@ -638,7 +638,8 @@ def _parts_split(ctx: Context, a: dict, outs: list[int], shape: tuple[int, ...])
 def reshape(ctx: Context, a: dict, out: Any) -> Value:
     """Any reshape: channels move with their elements. Merging a channel dim with others (flatten)
     is free; splitting one keeps every new dim's size, except the one dim its channels vary along
-    (a flattened channel dim split back), an attention module's heads and equal parts."""
+    (a flattened channel dim split back), an attention module's heads, a grouped norm's groups and
+    equal parts."""
     x = a["self"] if "self" in a else a["input"]
     src, dst = tuple(x.shape), tuple(out)
     groups = _reshape_groups(src, dst)
@@ -675,6 +676,8 @@ def reshape(ctx: Context, a: dict, out: Any) -> Value:
                 # flattened channel dim unflattened): that dim shrinks, the others keep their size
                 varying = [d for d in g_outs if not (roots == np.take(roots, [0], outs.index(d))).all()]
                 free = varying[0] if len(varying) == 1 else _heads_dim(ctx, g_outs, dst)
+                if free is None and is_grouped_norm(ctx.module()) and dst[g_outs[0]] == ctx.module().groups:
+                    free = g_outs[0]  # whole groups of a grouped norm (their statistic ties each)
                 if free is None and _parts_split(ctx, a, g_outs, dst):
                     axis = outs.index(g_outs[0])
                     ctx.require_even([np.take(atoms, i, axis=axis) for i in range(dst[g_outs[0]])])

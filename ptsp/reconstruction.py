@@ -101,15 +101,18 @@ class Reconstruction:
             once per pass (the same result: a quarter less compute in phase 1, more in phase 2);
             None: half the memory available when the phase starts (host RAM, or the CUDA
             device's free memory); 0: run the teacher in every pass.
-        augment: "none", "mixup" or "cutmix": each step remixes its calibration batch (seeded)
-            before teacher and student see it, so a few hundred images give the layers more
-            distinct inputs to match: "mixup" blends each image with another of the batch at a
-            uniform random weight, "cutmix" pastes a random square (a quarter of the side or
-            more) of another image of the batch. The teacher then runs in every pass (no cache);
-            BatchNorm statistics are still re-estimated on the images as given. Not the default:
-            at 50% fewer FLOPs on eight reference models, cutmix moved top-1 by −0.13 to +0.50
-            points (mean +0.10), mixup by −0.18 to +0.19 (mean −0.03); another draw of the images
-            alone moves it up to 0.3 (recipes/results/ablation.md, noise.md).
+        augment: "none", "flip", "shift", "mixup" or "cutmix": each step varies its calibration
+            batch (seeded) before teacher and student see it, so a few hundred images give the
+            layers more distinct inputs to match: "flip" mirrors a random half of the images left
+            to right, "shift" also moves each by up to an eighth of its side (edges repeated),
+            "mixup" blends each image with another of the batch at a uniform random weight,
+            "cutmix" pastes a random square (a quarter of the side or more) of another image of
+            the batch. The teacher then runs in every pass (no cache); BatchNorm statistics are
+            still re-estimated on the images as given. Not the default: at 50% fewer FLOPs on
+            eight reference models, cutmix moved top-1 by −0.13 to +0.50 points (mean +0.10),
+            mixup by −0.18 to +0.19 (mean −0.03), and on densenet121 flip and shift by −0.20 and
+            −0.18; another draw of the images alone moves it up to 0.3 (recipes/results/ablation.md,
+            noise.md).
         micro_batch: split each batch into pieces of this size: less memory for one more
             teacher pass per batch. With BatchNorm in eval mode the gradient is the same; in train
             mode each piece is normalised by its own statistics, as a smaller batch would be.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .groups import CONSUMER_ROLES, Groups
-from .norms import is_coded_norm, kept_forwards
+from .norms import is_coded_norm, is_grouped_norm, kept_forwards
 
 Kept = dict[str, dict[str, dict[int, list[int]]]]
 
@@ -78,10 +78,13 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None:
                 users.setdefault(id(t), []).append((m, name))
+    widths: dict[int, dict[str, int]] = {}  # id of a module -> its tensors' widths before
     for path, tensors in kept.items():
         module = model.get_submodule(path)
         for name, dims in tensors.items():
             old = getattr(module, name)
+            if isinstance(old, torch.Tensor) and old.dim():
+                widths.setdefault(id(module), {})[name] = old.shape[0]
             if isinstance(old, (list, tuple)) or type(old) is int:  # a split's sizes (role
                 # "split"): what each part keeps; one int (equal parts keeping alike: a part's
                 # size or their total) becomes the kept positions below it
@@ -97,7 +100,7 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
             for m, n in users.get(id(old), [(module, name)]):
                 (m._parameters if isinstance(old, nn.Parameter) else m._buffers)[n] = new
-    sync_attributes(model.modules())
+    sync_attributes(model.modules(), widths)
     return model
 
 
@@ -125,10 +128,10 @@ def _timm_widths() -> dict[type, Callable[[nn.Module], None]]:
             BlurPool2d: blur}
 
 
-def sync_attributes(modules: Iterable[nn.Module]) -> None:
+def sync_attributes(modules: Iterable[nn.Module], widths: dict[int, dict[str, int]] | None = None) -> None:
     """Set width attributes (``out_channels``, ``num_features``, ``num_heads``, the timm ones of
-    :func:`_timm_widths`, ...) from tensor shapes, so a module's Python code computes shapes that
-    match its tensors again."""
+    :func:`_timm_widths`, ...) from tensor shapes (and ``widths``: module id -> its tensors' widths
+    before surgery), so a module's Python code computes shapes that match its tensors again."""
     modules = list(modules)
     for m in modules:  # attention first: heads shrink with the projection that makes them
         heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
@@ -139,10 +142,13 @@ def sync_attributes(modules: Iterable[nn.Module]) -> None:
                 m.num_heads = heads * proj.weight.shape[0] // proj.out_features
             if isinstance(getattr(m, "attn_dim", None), int):
                 m.attn_dim = m.num_heads * head_dim
-    widths = _timm_widths()
+    timm_widths = _timm_widths()
     for m in modules:
-        if type(m) in widths:
-            widths[type(m)](m)
+        if type(m) in timm_widths:
+            timm_widths[type(m)](m)
+        before = (widths or {}).get(id(m), {}).get("weight")
+        if is_grouped_norm(m) and before:  # whole groups of a fixed size went
+            m.groups = m.groups * m.weight.shape[0] // before
     for m in modules:
         if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:  # weight (in, out / groups, ...)
             m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups

@@ -317,7 +317,7 @@ TIMM_MODELS = {
     "edgenext_xx_small": ({}, 64), "pit_ti_224": ({}, 224), "gernet_s": ({}, 64),
     "selecsls42b": ({}, 64), "ese_vovnet19b_dw": ({}, 64), "efficientformer_l1": ({}, 224),
     "eva02_tiny_patch14_224": ({"img_size": 56}, 56), "mixnet_s": ({}, 64), "mambaout_femto": ({}, 64),
-    "skresnet18": ({}, 64), "nf_regnet_b0": ({}, 64),
+    "skresnet18": ({}, 64), "nf_regnet_b0": ({}, 64), "test_efficientnet_evos": ({}, 64),
 }
 
 

@@ -203,3 +203,23 @@ def test_width_attributes_follow_their_tensors(layer):
     pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
     assert (pruned[1].shape == (5, 1, 1)) if layer == "Scale" else (pruned[1].channels == 5)
     assert criterion_error(model, groups, removed, x) <= 1e-4
+
+
+@pytest.mark.parametrize("norm", ["EvoNorm2dS0", "EvoNorm2dS1", "EvoNorm2dS2a"])
+def test_grouped_evonorms_lose_whole_groups(norm):
+    """timm's grouped EvoNorms take a statistic over each group of channels, reshaping by their
+    ``groups`` attribute: the group builder ties each group's channels, and surgery sets ``groups``
+    to the groups kept, so the pruned model runs and computes what the masked one did."""
+    from timm.layers import evo_norm
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), getattr(evo_norm, norm)(8, group_size=2),
+                          nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    groups = ptsp.build_groups(model, x[:1])
+    group = next(g for g in groups if g.prunable)
+    assert len(group.ids) == 4  # the norm's four groups
+    removed = np.zeros(groups.num_channels, dtype=bool)
+    removed[group.ids[[1, 2]]] = True
+    pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
+    assert pruned[1].groups == 2 and pruned[1].weight.shape == (4,)
+    assert criterion_error(model, groups, removed, x) <= 1e-4
