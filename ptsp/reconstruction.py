@@ -66,10 +66,11 @@ class Reconstruction:
             the phase starts (at least 1e-3), so that every tensor moves by about the same fraction
             of its own scale per step; with one absolute rate, Adam moves a convolution's weights
             (RMS about 0.03) by a tenth of their scale per step and a norm's scales (about 1) by
-            a three-hundredth, and the coordinates whose gradient is mostly the calibration
-            draw's noise drift. With ``lr=1e-2`` it kept resnet18 at 88.87 against 88.49 at 50%
-            fewer FLOPs (agreeing with dense on 98.46% of the test images against 98.06%).
- the doomed slices' gradient by ``λ·lr·W`` (the code): under
+            a three-hundredth. Not the default yet: at 50% fewer FLOPs, ``lr=3e-2`` moved top-1
+            by +0.55 (mobilenetv3), +0.23 (resnet18), −0.05 (densenet121) and −0.09
+            (convnext_atto), ``lr=1e-2`` by −0.62, +0.38, −0.01 and −0.09; deit_tiny and resnet50
+            are not measured (recipes/results/README.md).
+        penalty: "replace" replaces the doomed slices' gradient by ``λ·lr·W`` (the code): under
             Adam a step of about lr toward zero, so small weights reach zero in a few steps while
             norm scales near 1 are only partly shrunk; "l2" adds the gradient of a growing L2
             penalty ``λ/2·||W_doomed||²`` (the paper's intent); "fade" is the proximal form: the
