@@ -2,10 +2,11 @@
 
 Their statistic over channels is a ``mean`` (or ``var``) across the channel dim: in code we do not
 know that mixes channels and pins them, but in these modules it normalises them, as a layer norm's
-does. The grouped EvoNorms take it over fixed-size groups of channels, as a group norm: whole
-groups go, and their ``groups`` attribute follows (:func:`is_grouped_norm`). The group builder asks :func:`statistic_dim` which reduction that is; the surgery reference
+does. The group builder asks :func:`statistic_dim` which reduction that is; the surgery reference
 (:func:`ptsp.surgery.kept_statistics`) runs :func:`kept_forwards`, in which they take it over the
-kept channels, as the pruned module does.
+kept channels, as the pruned module does. The grouped EvoNorms take it over fixed-size groups of
+channels, as a group norm: whole groups go, and their ``groups`` attribute follows
+(:func:`is_grouped_norm`).
 """
 from __future__ import annotations
 

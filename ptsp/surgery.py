@@ -78,13 +78,13 @@ def apply(model: nn.Module, kept: Kept) -> nn.Module:
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None:
                 users.setdefault(id(t), []).append((m, name))
-    widths: dict[int, dict[str, int]] = {}  # id of a module -> its tensors' widths before
+    widths: dict[int, int] = {}  # id of a module -> its weight's width before surgery
     for path, tensors in kept.items():
         module = model.get_submodule(path)
         for name, dims in tensors.items():
             old = getattr(module, name)
-            if isinstance(old, torch.Tensor) and old.dim():
-                widths.setdefault(id(module), {})[name] = old.shape[0]
+            if name == "weight" and isinstance(old, torch.Tensor) and old.dim():
+                widths[id(module)] = old.shape[0]
             if isinstance(old, (list, tuple)) or type(old) is int:  # a split's sizes (role
                 # "split"): what each part keeps; one int (equal parts keeping alike: a part's
                 # size or their total) becomes the kept positions below it
@@ -128,9 +128,9 @@ def _timm_widths() -> dict[type, Callable[[nn.Module], None]]:
             BlurPool2d: blur}
 
 
-def sync_attributes(modules: Iterable[nn.Module], widths: dict[int, dict[str, int]] | None = None) -> None:
+def sync_attributes(modules: Iterable[nn.Module], widths: dict[int, int] | None = None) -> None:
     """Set width attributes (``out_channels``, ``num_features``, ``num_heads``, the timm ones of
-    :func:`_timm_widths`, ...) from tensor shapes (and ``widths``: module id -> its tensors' widths
+    :func:`_timm_widths`, ...) from tensor shapes (and ``widths``: module id -> its weight's width
     before surgery), so a module's Python code computes shapes that match its tensors again."""
     modules = list(modules)
     for m in modules:  # attention first: heads shrink with the projection that makes them
@@ -146,7 +146,7 @@ def sync_attributes(modules: Iterable[nn.Module], widths: dict[int, dict[str, in
     for m in modules:
         if type(m) in timm_widths:
             timm_widths[type(m)](m)
-        before = (widths or {}).get(id(m), {}).get("weight")
+        before = (widths or {}).get(id(m))
         if is_grouped_norm(m) and before:  # whole groups of a fixed size went
             m.groups = m.groups * m.weight.shape[0] // before
     for m in modules:
