@@ -253,12 +253,23 @@ def _channel_vector(ctx: Context, comps: list[Comp], dim: int, reason: str) -> t
 
 @rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution)
 def conv(ctx: Context, a: dict, out: Any) -> Value:
+    """A conv's rows make its output channels and its columns read the input's. A grouped conv
+    ties them by group: with many narrow groups (depthwise, ResNeXt's 32×4d) whole groups go,
+    rows and columns together; with few wide ones (ResNeSt's radix, NFNets' 128-wide groups:
+    fewer groups than columns per group) position j of every group is one channel and the group
+    count stays (:func:`by_positions`, which surgery's attribute sync reads too)."""
     x, w, b = a["input"], a["weight"], a.get("bias")
     if a.get("transposed"):
         return unknown(ctx, a, out)
     groups = int(a.get("groups") or 1)
+    positions = by_positions(groups, w.shape[1])
     vec, rest = _channel_vector(ctx, ctx.canon(x), 1, "conv input channels not separable")
     _pin_touching(ctx, rest, set(range(len(x.shape))) - {1}, "channels mixed by a convolution")
+    cols = vec if groups == 1 else None  # the input channels the weight's columns read
+    if positions and vec is not None:
+        per_group = vec.reshape(groups, -1)
+        ctx.unify(per_group, np.broadcast_to(per_group[:1], per_group.shape))
+        cols = per_group[0]
     o = w.shape[0]
     if w.param is None:  # a computed weight (e.g. standardised): its own channels are the rows
         wvec, _ = _channel_vector(ctx, [c for c in ctx.canon(w) if 0 in c.dims], 0, "conv weight rows")
@@ -266,29 +277,37 @@ def conv(ctx: Context, a: dict, out: Any) -> Value:
         if wvec is None:
             ctx.pin(atoms, "conv with a fixed-size computed weight")
         win = next((c.atoms for c in ctx.canon(w) if c.dims == (1,)), None)
-        if groups == 1 and vec is not None and win is not None:
-            ctx.unify(vec, win)
-        elif groups == 1 and vec is not None:
-            ctx.pin(vec, "conv with a computed weight")
-        elif win is not None:  # columns per group, or reading fixed channels: their count stays
-            ctx.pin(win, "grouped conv with a computed weight" if groups > 1
+        if cols is not None and win is not None:
+            ctx.unify(cols, win)
+        elif cols is not None:
+            ctx.pin(cols, "conv with a computed weight")
+        elif win is not None:  # columns per whole group, or reading fixed channels: their count stays
+            ctx.pin(win, "grouped conv with a computed weight" if groups > 1 and not positions
                     else "conv with a computed weight on inseparable input channels")
     else:
         atoms = ctx.fresh([o])
         ctx.add_member(w, (0,), atoms, "out")
+        if cols is not None:
+            ctx.add_member(w, (1,), cols, "in")
     _attach(ctx, b, atoms, "out", "conv")
-    if groups == 1:
-        if vec is not None and w.param is not None:
-            ctx.add_member(w, (1,), vec, "in")
-    else:  # grouped / depthwise: whole convolution groups are removed
+    if groups > 1:
         blocks = atoms.reshape(groups, o // groups)
-        ctx.unify(blocks, np.broadcast_to(blocks[:, :1], blocks.shape))
-        if vec is None:
-            ctx.pin(atoms, "grouped conv on fixed-size input")
-        else:
-            vb = vec.reshape(groups, -1)
-            ctx.unify(vb, np.broadcast_to(blocks[:, :1], vb.shape))
+        if positions:  # row q of every group
+            ctx.unify(blocks, np.broadcast_to(blocks[:1], blocks.shape))
+        else:  # whole convolution groups are removed
+            ctx.unify(blocks, np.broadcast_to(blocks[:, :1], blocks.shape))
+            if vec is None:
+                ctx.pin(atoms, "grouped conv on fixed-size input")
+            else:
+                vb = vec.reshape(groups, -1)
+                ctx.unify(vb, np.broadcast_to(blocks[:, :1], vb.shape))
     return Value(tuple(out), [Comp((1,), atoms)])
+
+
+def by_positions(groups: int, columns: int) -> bool:
+    """Whether a conv with ``groups`` groups of ``columns`` input channels each loses positions
+    within every group (the group count stays) rather than whole groups: the finer choice."""
+    return 1 < groups < columns
 
 
 @rule(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)

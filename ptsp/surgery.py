@@ -17,6 +17,7 @@ from torch import nn
 
 from .groups import CONSUMER_ROLES, Groups
 from .norms import is_coded_norm, is_grouped_norm, kept_forwards
+from .ops import by_positions
 
 Kept = dict[str, dict[str, dict[int, list[int]]]]
 
@@ -155,8 +156,8 @@ def sync_attributes(modules: Iterable[nn.Module], widths: dict[int, int] | None 
         elif isinstance(m, nn.modules.conv._ConvNd):
             per_group = m.out_channels // m.groups
             out = m.weight.shape[0]
-            if m.groups > 1:
-                m.groups = out // per_group
+            if m.groups > 1 and not by_positions(m.groups, m.in_channels // m.groups):
+                m.groups = out // per_group  # whole groups went (the attributes are still the traced ones)
             m.out_channels, m.in_channels = out, m.weight.shape[1] * m.groups
         elif isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape

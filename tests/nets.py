@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, RmsNorm2d, ScaledStdConv2d, SimpleNorm2d, StdConv2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.pos_embed_rel import RelPosBias, RelPosMlp
+from timm.layers.split_attn import SplitAttn
 from timm.layers.norm_act import BatchNormAct2d, RmsNormAct2d
 from timm.models.vision_transformer import Attention, LayerScale
 from torch import nn
@@ -379,6 +380,22 @@ class Standardised(nn.Module):
         return self.fc(F.relu(self.pw(x)).mean((2, 3)))
 
 
+class WideGroups(nn.Module):
+    """Few wide conv groups: ResNeSt's radix-2 split attention and an NFNet-style standardised
+    conv with 2 groups of 8 columns. Position j of every group is one channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.split = SplitAttn(16, 16, radix=2)
+        self.std = ScaledStdConv2d(16, 24, 3, padding=1, groups=2)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = F.relu(self.std(self.split(F.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
 class PathsAttn(nn.Module):
     """timm's SelectiveKernelAttn: per-channel weights of each path, softmaxed across the paths
     after a view that cuts the channel dim into ``num_paths`` parts (``fixed``: a view that writes
@@ -483,7 +500,7 @@ class DataDependent(nn.Module):
 
 
 NETS = {cls.__name__: cls for cls in (ConvChain, Depthwise, Residual, Concat, FlattenLinear, Norms,
-                                      Standardised, CodedNorms, Tokens, Heads, RelativeBias, TimmRelPos, Einsum, Gated, Mixed,
+                                      Standardised, WideGroups, CodedNorms, Tokens, Heads, RelativeBias, TimmRelPos, Einsum, Gated, Mixed,
                                       Scales, CrossStage, Paths, PixelShuffle, Windows, SharedModule)}
 
 

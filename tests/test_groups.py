@@ -145,6 +145,22 @@ def test_standardised_weights_normalise_the_columns_they_keep():
     assert blocks.prunable and blocks.channels == 4
 
 
+def test_few_wide_groups_lose_positions():
+    """Fewer conv groups than columns per group (ResNeSt's radix, NFNets' wide groups): position j
+    of every group is one channel, on the input and the output side, so the groups keep one width
+    and their count; a standardised grouped conv's columns then cross its normalisation."""
+    model = NETS["WideGroups"]().eval()
+    groups = ptsp.build_groups(model, x_for()[:1])
+    g = by_tensor(groups, "stem.weight")
+    rows = next(m for m in g.members if m.tensor == "stem.weight").channel
+    assert g.prunable and g.channels == 8 and np.array_equal(rows[:8], rows[8:])
+    assert ("split.conv.weight", (1,), "in") in {(m.tensor, m.dims, m.role) for m in g.members}
+    cols = by_tensor(groups, "std.weight", dim=1)
+    assert cols.prunable and cols.norm_crossing
+    out = next(m for m in by_tensor(groups, "std.weight").members if m.tensor == "std.weight").channel
+    assert len(set(out)) == 12 and np.array_equal(out[:12], out[12:])
+
+
 def test_norms_in_module_code_normalise_channels():
     """timm's RmsNorm2d(Act), SimpleNorm2d and GlobalResponseNorm take their statistic (a mean, a
     variance) over channels in module code: those channels cross a normalisation (statistics over

@@ -15,7 +15,7 @@ from ptsp.importance import normalised_scores
 from ptsp.selection import select
 from ptsp.surgery import apply, criterion_error, kept_indices, zero_removed_inputs
 
-from nets import CrossStage, Heads, Mixed, Scales, Standardised, TimmRelPos, Windows
+from nets import CrossStage, Heads, Mixed, Scales, Standardised, TimmRelPos, WideGroups, Windows
 
 
 def _pruned(model, x, ratio=0.5):
@@ -223,3 +223,20 @@ def test_grouped_evonorms_lose_whole_groups(norm):
     pruned = apply(copy.deepcopy(model), kept_indices(groups, removed))
     assert pruned[1].groups == 2 and pruned[1].weight.shape == (4,)
     assert criterion_error(model, groups, removed, x) <= 1e-4
+
+
+def test_few_wide_groups_keep_their_count():
+    """Convs that lose positions within each group keep ``groups`` (whole groups would recount
+    them): the pruned model runs, computes what the masked one did, and replays on a fresh one."""
+    torch.manual_seed(0)
+    model = WideGroups().eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups, removed, pruned = _pruned(model, x[:1])
+    assert pruned.split.conv.groups == pruned.std.groups == 2
+    for conv in (pruned.split.conv, pruned.std):
+        assert conv.weight.shape[1] * conv.groups == conv.in_channels < 16
+        assert conv.weight.shape[0] == conv.out_channels
+    assert criterion_error(model, groups, removed, x) <= 1e-4
+    fresh = apply(WideGroups(), kept_indices(groups, removed))
+    fresh.load_state_dict(pruned.state_dict())
+    assert torch.allclose(fresh.eval()(x), pruned(x))
