@@ -639,7 +639,8 @@ def _heads_dim(ctx: Context, outs: list[int], shape: tuple[int, ...]) -> int | N
 def _parts_split(ctx: Context, a: dict, outs: list[int], shape: tuple[int, ...]) -> bool:
     """Whether a channel dim split into two, ``(n, m)``, cuts it into ``n`` equal parts, as timm's
     ``x.view(B, self.num_paths, C // self.num_paths, ...)`` or ``reshape(B, self.radix, -1, ...)``
-    do: ``n`` is written in the call (not -1) and equals an integer attribute of the module. Then
+    do (``outs``: the two dims the channels vary along, when a third repeats them): ``n`` is
+    written in the call (not -1) and equals an integer attribute of the module. Then
     ``m`` is the only size that can follow a removal, so the parts may shrink if they lose as many
     channels each (``require_even``); a module that writes ``m`` in its code fails once pruned,
     which ``prune`` catches and repairs."""
@@ -697,10 +698,13 @@ def reshape(ctx: Context, a: dict, out: Any) -> Value:
                 free = varying[0] if len(varying) == 1 else _heads_dim(ctx, g_outs, dst)
                 if free is None and is_grouped_norm(ctx.module()) and dst[g_outs[0]] == ctx.module().groups:
                     free = g_outs[0]  # whole groups of a grouped norm (their statistic ties each)
-                if free is None and _parts_split(ctx, a, g_outs, dst):
-                    axis = outs.index(g_outs[0])
-                    ctx.require_even([np.take(atoms, i, axis=axis) for i in range(dst[g_outs[0]])])
-                    free = g_outs[1]
+                pair = varying if len(varying) == 2 else g_outs  # dims the channels already
+                # repeat along (ResNeSt's cardinality before its radix: grouped convs that lose
+                # positions) keep their size as they are
+                if free is None and _parts_split(ctx, a, pair, dst):
+                    axis = outs.index(pair[0])
+                    ctx.require_even([np.take(atoms, i, axis=axis) for i in range(dst[pair[0]])])
+                    free = pair[1]
                 for d in g_outs:
                     if d != free:
                         ctx.require_invariant(atoms, outs.index(d))

@@ -381,13 +381,15 @@ class Standardised(nn.Module):
 
 
 class WideGroups(nn.Module):
-    """Few wide conv groups: ResNeSt's radix-2 split attention and an NFNet-style standardised
-    conv with 2 groups of 8 columns. Position j of every group is one channel."""
+    """Few wide conv groups: ResNeSt's split attention (radix 2, cardinality 2: a conv of 4 groups
+    of 6 columns, the softmax across the radix after a view by cardinality and radix) and an
+    NFNet-style standardised conv with 2 groups of 8 columns. Position j of every group is one
+    channel."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.split = SplitAttn(16, 16, radix=2)
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.split = SplitAttn(24, 16, groups=2, radix=2)
         self.std = ScaledStdConv2d(16, 24, 3, padding=1, groups=2)
         self.fc = nn.Linear(24, 5)
 

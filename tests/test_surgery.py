@@ -232,10 +232,10 @@ def test_few_wide_groups_keep_their_count():
     model = WideGroups().eval()
     x = torch.randn(2, 3, 16, 16)
     groups, removed, pruned = _pruned(model, x[:1])
-    assert pruned.split.conv.groups == pruned.std.groups == 2
-    for conv in (pruned.split.conv, pruned.std):
-        assert conv.weight.shape[1] * conv.groups == conv.in_channels < 16
-        assert conv.weight.shape[0] == conv.out_channels
+    assert (pruned.split.conv.groups, pruned.std.groups) == (4, 2)
+    for conv, before in ((pruned.split.conv, model.split.conv), (pruned.std, model.std)):
+        assert conv.weight.shape[1] * conv.groups == conv.in_channels < before.in_channels
+        assert conv.weight.shape[0] == conv.out_channels < before.out_channels
     assert criterion_error(model, groups, removed, x) <= 1e-4
     fresh = apply(WideGroups(), kept_indices(groups, removed))
     fresh.load_state_dict(pruned.state_dict())
