@@ -67,9 +67,10 @@ class Reconstruction:
             of its own scale per step; with one absolute rate, Adam moves a convolution's weights
             (RMS about 0.03) by a tenth of their scale per step and a norm's scales (about 1) by
             a three-hundredth. Not the default yet: at 50% fewer FLOPs, ``lr=3e-2`` moved top-1
-            by +0.55 (mobilenetv3), +0.23 (resnet18), −0.05 (densenet121) and −0.09
-            (convnext_atto), ``lr=1e-2`` by −0.62, +0.38, −0.01 and −0.09; deit_tiny and resnet50
-            are not measured (recipes/results/README.md).
+            by +0.55 (mobilenetv3), +0.23 (resnet18), +0.07 (resnet50), +0.03 (deit_tiny),
+            −0.05 (densenet121) and −0.09 (convnext_atto), ``lr=1e-2`` mobilenetv3, resnet18,
+            densenet121 and convnext_atto by −0.62, +0.38, −0.01 and −0.09; the accuracy table is
+            to be measured again with it before it becomes the default (recipes/results/README.md).
         penalty: "replace" replaces the doomed slices' gradient by ``λ·lr·W`` (the code): under
             Adam a step of about lr toward zero, so small weights reach zero in a few steps while
             norm scales near 1 are only partly shrunk; "l2" adds the gradient of a growing L2
