@@ -13,7 +13,7 @@ test). Status: ``pass`` (finite outputs of the dense model's shape, FLOPs target
 counted model), ``refused`` (ptsp's own clear ``ValueError``: the model has too few prunable
 channels for the target), ``bad`` (ran, but an output or the target is wrong), ``error``,
 ``timeout``. Resumable: ``recipes/results/calibrated.csv`` keeps the rows; ``calibrated.md`` is
-rewritten.
+rewritten over every family (and any model named), so a rerun of a few models keeps the rest.
 """
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def main() -> None:
     args = ap.parse_args()
     members = families()
     family_of = {m: family for family, models in members.items() for m in models}
-    names = args.models or smallest_passing(members)
+    default = smallest_passing(members)
+    names = args.models or default
     done = {}
     if CSV.exists():
         with CSV.open() as f:
@@ -134,8 +135,8 @@ def main() -> None:
             f.flush()
             done[row["model"]] = row
             print(f"{row['model']:45s} {row['status']:8s} {row.get('notes', '') or ''}", flush=True)
-    command = "python recipes/calibrated.py" + (" --models " + " ".join(args.models) if args.models else "")
-    print(write_report([done[n] for n in names if n in done], command))
+    shown = list(dict.fromkeys(default + names))  # a partial rerun keeps the others
+    print(write_report([done[n] for n in shown if n in done], "python recipes/calibrated.py"))
 
 
 if __name__ == "__main__":
