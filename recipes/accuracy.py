@@ -140,7 +140,8 @@ def write_report(results: Path = RESULTS) -> None:
              f"given FLOPs reduction; every calibrated method uses the same {samples} unlabeled "
              "training images and default settings. Δ is psp minus the dense model; plan is the criterion that "
              "the default `importance=\"auto\"` chose for the calibrated methods (magnitude always "
-             "plans with l2); bn and lr are the `Reconstruction` defaults the psp row ran with, max "
+             "plans with l2); bn and lr are the `Reconstruction` defaults the psp row ran with (a relative lr is a "
+             "fraction of each tensor's RMS), max "
              "ratio `prune`'s (a run measures the rows it asks for again when a default they depend "
              "on changes; the other rows keep the settings they ran with); params kept is psp's.", ""]
     trained = []

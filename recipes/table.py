@@ -68,14 +68,22 @@ def settings(plan: dict) -> dict:
     """The settings of ``defaults()`` a pruned model ran with, read off its plan, as a row records
     them (empty where the method has none: magnitude does no reconstruction)."""
     reconstruction = plan["reconstruction"] or {}
-    return {"bn": str(reconstruction.get("bn", "")), "lr": str(reconstruction.get("lr", "")),
+    return {"bn": str(reconstruction.get("bn", "")), "lr": _lr(reconstruction),
             "max_ratio": str(plan["max_ratio"])}
+
+
+def _lr(reconstruction: dict) -> str:
+    """The learning rate as a row records it: "0.03 relative" when it is a fraction of each
+    tensor's RMS (``relative_lr``), so rows of an absolute rate (recorded before the flag was) differ."""
+    lr = str(reconstruction.get("lr", ""))
+    return f"{lr} relative" if reconstruction.get("relative_lr") else lr
 
 
 def stale(row: dict, fields: tuple[str, ...], recorded_later: dict) -> bool:
     """Whether ``row`` ran with other values of ``fields`` than today's defaults; ``recorded_later``
     holds what rows written before a field was recorded ran with."""
     now = defaults()
+    now["lr"] = _lr(now)
     return any((row.get(f) or recorded_later.get(f, "")) != str(now[f]) for f in fields)
 
 
