@@ -199,10 +199,15 @@ def test_a_row_is_stale_when_a_default_it_ran_with_changed():
 
     now = table.defaults()
     fields = ("bn", "lr", "max_ratio")
-    row = {f: str(now[f]) for f in fields}
+    row = table.settings({"reconstruction": now, "max_ratio": now["max_ratio"]})
     assert not table.stale(row, fields, {})
-    assert table.stale({**row, "lr": str(now["lr"] * 2)}, fields, {})
-    assert not table.stale({**row, "lr": str(now["lr"] * 2)}, ("bn",), {})
+    doubled = table.settings({"reconstruction": {**now, "lr": now["lr"] * 2}, "max_ratio": now["max_ratio"]})
+    assert table.stale(doubled, fields, {})
+    assert not table.stale(doubled, ("bn",), {})
+    # the same number as an absolute rate (or a relative one) is another setting
+    other_kind = table.settings({"reconstruction": {**now, "relative_lr": not now["relative_lr"]},
+                                 "max_ratio": now["max_ratio"]})
+    assert other_kind["lr"] != row["lr"] and table.stale(other_kind, fields, {})
     # a row written before a setting was recorded ran with what ``recorded_later`` says
     assert table.stale({**row, "max_ratio": ""}, fields, {"max_ratio": "1.0"}) == (now["max_ratio"] != 1.0)
     assert not table.stale({**row, "max_ratio": ""}, fields, {"max_ratio": str(now["max_ratio"])})
@@ -393,7 +398,8 @@ def test_accuracy_measures_again_the_rows_of_another_calibration_set_size(tmp_pa
     import table
 
     csv = tmp_path / "accuracy.csv"
-    settings = {f: str(table.defaults()[f]) for f in ("bn", "lr", "max_ratio")}  # today's: not stale for that
+    now = table.defaults()
+    settings = table.settings({"reconstruction": now, "max_ratio": now["max_ratio"]})  # today's: not stale for that
     for method, samples in (("psp", "2048"), ("global", "512"), ("bn", ""), ("magnitude", "")):
         table.append(csv, accuracy.FIELDS, {"model": "m", "method": method, "level": "0.5", "top1": "90.00",
                                             "dense_top1": "93.00", "samples": samples, **settings})
