@@ -51,6 +51,7 @@ SINGLE: dict[str, dict] = {
     "lr=3e-3": {"lr": 3e-3},
     "phase1_lr=3e-4": {"phase1_lr": 3e-4},
     "phase1_lr=1e-3": {"phase1_lr": 1e-3},
+    "phase1_lr=1e-2": {"phase1_lr": 1e-2},
     "phase1_passes=5": {"phase1_passes": 5},
     "phase1_passes=10": {"phase1_passes": 10},
     "augment=mixup": {"augment": "mixup"},
@@ -77,6 +78,8 @@ VARIANTS: dict[str, dict] = {
     # remixed batches keep giving new inputs: do more passes pay there?
     "augment=cutmix, passes 60+30": {"augment": "cutmix", "phase1_passes": 60, "phase2_passes": 30},
     "passes 60+30": {"phase1_passes": 60, "phase2_passes": 30},
+    # the same number of passes, more of them after removal (where `global` spends all of its)
+    "passes 10+20": {"phase1_passes": 10, "phase2_passes": 20},
     # phase 2 at one small rate for every layer (phase 1 as the defaults): the balanced rate
     # lr/(L−k+1) all but freezes the early layers of a 240-module densenet121
     "phase 2 unbalanced, lr=3e-4": {"balance": "none", "lr": 3e-4, "phase1_lr": 3e-3},
