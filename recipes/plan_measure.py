@@ -7,8 +7,10 @@ non-negative rescaling of the logits (scale-free), KL divergence from the dense 
 predictions, agreement with them and the ratio of its logits' mean norm to the dense model's:
 whether a measure can prefer a plan that re-estimates worse. With ``--psp``, also the top-1 of
 ``method="psp"`` planned with each criterion: which plan is better once reconstructed, what
-``auto`` should pick. Each run appends its table to ``recipes/results/plan_measure.md`` with the
-command that produced it.
+``auto`` should pick. With ``--short P``, also each plan's scale-free error (on the calibration
+images) and test top-1 after a short reconstruction (``method="global"`` with ``phase2_passes=P``):
+whether a plan's error once partly reconstructed ranks the plans as the full reconstruction does.
+Each run appends its table to ``recipes/results/plan_measure.md`` with the command that produced it.
 
     python recipes/plan_measure.py --model mobilenetv3_large_100 --levels 0.3 0.5 0.7 --psp --cache DIR
 """
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, choices=list(reference.MODELS))
     parser.add_argument("--levels", nargs="+", type=float, default=[0.5])
     parser.add_argument("--psp", action="store_true", help="also prune with method='psp' from each plan")
+    parser.add_argument("--short", type=int, help="also measure each plan after this many passes of method='global'")
     parser.add_argument("--cache", type=Path, help="folder of the reference models (DIR/reference)")
     args = parser.parse_args()
     if args.cache is not None:
@@ -44,8 +47,10 @@ def main() -> None:
     with torch.no_grad():
         dense = torch.cat([model(x) for x in batches]).float()
     dense_top1 = reference.evaluate(model, test_x, test_y)
-    rows = ["| level | plan | test top-1 | psp top-1 | relative error | scale-free error | KL | agreement "
-            "| logit scale |", "|---|---|---|---|---|---|---|---|---|"]
+    short = [f"error after {args.short} global passes", f"top-1 after {args.short} global passes"] if args.short else []
+    header = ["level", "plan", "test top-1", "psp top-1", "relative error", "scale-free error", "KL", "agreement",
+              "logit scale", *short]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     quiet = ptsp.Reconstruction(progress=False)
     for level in args.levels:
         for criterion in ptsp.pruning.AUTO:
@@ -60,9 +65,17 @@ def main() -> None:
             psp = "–"
             if args.psp:
                 psp = f"{reference.evaluate(ptsp.prune(model, calib, level, target='flops', importance=criterion, reconstruction=quiet), test_x, test_y):.2f}"
+            after = ""
+            if args.short:
+                briefly = ptsp.prune(model, calib, level, method="global", target="flops", importance=criterion,
+                                     reconstruction=ptsp.Reconstruction(progress=False, phase2_passes=args.short))
+                with torch.no_grad():
+                    out_short = torch.cat([briefly(x) for x in batches]).float()
+                after = (f" {ptsp.pruning.scale_free_error(out_short, dense):.3f} |"
+                         f" {reference.evaluate(briefly, test_x, test_y):.2f} |")
             rows.append(f"| −{level:.0%} | {criterion} | {reference.evaluate(pruned, test_x, test_y):.2f} | "
                         f"{psp} | {error:.3f} | {ptsp.pruning.scale_free_error(out, dense):.3f} | {kl:.3f} | "
-                        f"{agree:.1f}% | {scale:.2f} |")
+                        f"{agree:.1f}% | {scale:.2f} |{after}")
             print(rows[-1], flush=True)
     out_md = RESULTS / "plan_measure.md"
     text = out_md.read_text() if out_md.exists() else (
@@ -71,7 +84,8 @@ def main() -> None:
         "images against the dense model.\n")
     levels = " ".join(f"{level:g}" for level in args.levels)
     cmd = (f"python recipes/plan_measure.py --model {args.model} --levels {levels}"
-           f"{' --psp' if args.psp else ''} --cache DIR")
+           f"{' --psp' if args.psp else ''}{f' --short {args.short}' if args.short else ''}"
+           f"{' --cache DIR' if args.cache else ''}")
     out_md.write_text(text + f"\n## {args.model} (dense {dense_top1:.2f})\n\n"
                       f"`{cmd}` ({time.strftime('%Y-%m-%d')})\n\n" + "\n".join(rows) + "\n")
 
