@@ -74,7 +74,8 @@ def settings(plan: dict) -> dict:
 
 def _lr(reconstruction: dict) -> str:
     """The learning rate as a row records it: "0.03 relative" when it is a fraction of each
-    tensor's RMS (``relative_lr``), so rows of an absolute rate (recorded before the flag was) differ."""
+    tensor's RMS (``relative_lr``), so that rows of an absolute rate, the kind every row made
+    before the flag existed ran, stay apart from it."""
     lr = str(reconstruction.get("lr", ""))
     return f"{lr} relative" if reconstruction.get("relative_lr") else lr
 
