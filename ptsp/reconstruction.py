@@ -93,9 +93,6 @@ class Reconstruction:
             convnext_atto gains up to 0.34 points at 70% fewer FLOPs, deit_tiny loses 0.40–0.65
             (three draws each; recipes/results/ablation.md).
         balance: where the balanced update ``lr/(L−k+1)`` applies: "phase2", "both" or "none".
-        cosine: which phases decay their learning rates along a half cosine, from the full rate at
-            the first step to zero after the last ("phase2", "both" or "none"), so that a phase
-            ends on small steps rather than at its full rate's step noise.
         order: layer order k for the balanced update: "execution" (forward order) or
             "registration" (module definition order, the code's choice).
         bn: "reestimate": teacher and student in eval mode, BatchNorm statistics re-estimated on
@@ -140,7 +137,6 @@ class Reconstruction:
     phase1_targets: str = "all"
     phase1_norms: str = "all"
     balance: str = "phase2"
-    cosine: str = "none"
     order: str = "execution"
     bn: str = "train+reestimate"
     augment: str = "none"
@@ -152,8 +148,7 @@ class Reconstruction:
     def __post_init__(self) -> None:
         choices = {"penalty": ("l2", "replace", "fade"), "phase1_targets": ("kept", "all"),
                    "phase1_norms": ("kept", "all"),
-                   "balance": ("phase2", "both", "none"),
-                   "cosine": ("phase2", "both", "none"), "order": ("execution", "registration"),
+                   "balance": ("phase2", "both", "none"), "order": ("execution", "registration"),
                    "augment": ("none", "flip", "shift", "mixup", "cutmix"),
                    "bn": ("reestimate", "train", "train+reestimate", "none")}
         for name, allowed in choices.items():
@@ -294,8 +289,7 @@ def phase1(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], 
                 torch._foreach_addcmul_(grads, params, doomed, [lmbda * lrs[id(p)] for p in params])
 
     return _optimise(student, teacher, batches, targets, settings, settings.phase1_passes,
-                     balanced=settings.balance == "both", decay=settings.cosine == "both",
-                     desc="phase 1", before_step=penalise)
+                     balanced=settings.balance == "both", desc="phase 1", before_step=penalise)
 
 
 def phase2(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], kept: Kept,
@@ -308,17 +302,15 @@ def phase2(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor], 
                if s[1] != UNMAPPED and not (layerwise and s[0] == UNMAPPED)}
     balanced = not layerwise and settings.balance in ("phase2", "both")
     return _optimise(student, teacher, batches, targets, settings, settings.phase2_passes,
-                     balanced=balanced, decay=settings.cosine != "none",
-                     desc="layer-wise" if layerwise else "phase 2",
+                     balanced=balanced, desc="layer-wise" if layerwise else "phase 2",
                      feed=layerwise)
 
 
 def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor],
               targets: dict[str, _Target], settings: Reconstruction, passes: int, *,
-              balanced: bool, decay: bool, desc: str, feed: bool = False,
+              balanced: bool, desc: str, feed: bool = False,
               before_step: Callable[[int, dict[int, float]], None] | None = None) -> dict:
-    """Adam on the summed relative layer errors (its rates along a half cosine to zero when
-    ``decay``); returns the mean loss of every pass. A loss that
+    """Adam on the summed relative layer errors; returns the mean loss of every pass. A loss that
     turns non-finite stops the phase at the end of that pass with the best weights seen restored."""
     report: dict[str, Any] = {"passes": passes, "layers": len(targets), "loss": []}
     if passes == 0 or not targets:
@@ -367,9 +359,6 @@ def _optimise(student: nn.Module, teacher: nn.Module, batches: list[torch.Tensor
                     energies[i] = hooks.energy
                     if before_step is not None:
                         before_step(j, lrs)
-                    if decay:
-                        optimiser.scale = 0.5 * (1 + math.cos(math.pi * (j * len(batches) + i)
-                                                              / (passes * len(batches))))
                     optimiser.step()
                     bar.update()
                 values = iter(torch.stack([v for b in parts for v in b]).tolist())
@@ -878,7 +867,6 @@ class _Adam:
         self.params = [p for g in groups for p in g["params"]]
         self.lrs = [g["lr"] for g in groups for _ in g["params"]]
         self.betas, self.eps = betas, eps
-        self.scale = 1.0  # every rate's factor (a schedule's)
         self.steps = [0] * len(self.params)  # per parameter, as torch counts: steps it had a grad
         self.moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -909,7 +897,7 @@ class _Adam:
         torch._foreach_div_(denominators, [(1 - beta2 ** self.steps[i]) ** 0.5 for i in live])
         torch._foreach_add_(denominators, self.eps)
         torch._foreach_addcdiv_(params, firsts, denominators,
-                                [-(self.scale * self.lrs[i] / (1 - beta1 ** self.steps[i])) for i in live])
+                                [-(self.lrs[i] / (1 - beta1 ** self.steps[i])) for i in live])
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -58,8 +58,6 @@ SINGLE: dict[str, dict] = {
     "augment=cutmix": {"augment": "cutmix"},
     "augment=flip": {"augment": "flip"},
     "augment=shift": {"augment": "shift"},
-    "cosine=phase2": {"cosine": "phase2"},
-    "cosine=both": {"cosine": "both"},
     **{f"relative_lr, lr={name}": {"relative_lr": True, "lr": float(name)} for name in ("3e-3", "1e-2", "3e-2")},
     # one rate for every tensor, as before relative_lr became the default (3e-3: that default)
     **{f"absolute lr={name}": {"relative_lr": False, "lr": float(name)} for name in ("1e-3", "3e-3")},

@@ -19,7 +19,7 @@ from ptsp.groups import build_groups
 from ptsp.reconstruction import (_CHUNK, RELATIVE_FLOOR, Reconstruction, _Adam, _cache_bytes, _Hooks,
                                  _modified_in_place, _norm, _param_groups, _pieces,
                                  _RelativeError, _augment, _selections, _Target, doomed_masks, join_single_images,
-                                 layer_names, phase1, phase2, reestimate_bn)
+                                 layer_names, phase1, reestimate_bn)
 from ptsp.surgery import apply, kept_indices, kept_statistics
 
 from nets import OutOfOrder, SmallCNN, Tokens
@@ -376,24 +376,6 @@ def test_phase1_lr_sets_only_phase_one_rate(trained, fmnist):
     assert not all(torch.equal(a, b) for a, b in zip(split, squeezed(lr=1e-2)))
 
 
-@pytest.mark.parametrize("cosine", ["none", "phase2", "both"])
-def test_cosine_decays_the_rates_of_the_phases_it_names(trained, fmnist, monkeypatch, cosine):
-    """Each step of a decayed phase runs at the half-cosine factor of its place in the phase."""
-    x = fmnist[0][:128]
-    groups, removed, kept = _every_other_channel(trained, x)
-    scales: list[float] = []
-    step = _Adam.step
-    monkeypatch.setattr(_Adam, "step", lambda self: (scales.append(self.scale), step(self)))
-    settings = Reconstruction(phase1_passes=2, phase2_passes=2, cosine=cosine, progress=False, amp=False)
-    student, teacher = copy.deepcopy(trained), copy.deepcopy(trained)
-    phase1(student, teacher, list(x.split(64)), kept, doomed_masks(student, groups, removed), settings,
-           probe=apply(copy.deepcopy(trained), kept))
-    phase2(apply(student, kept), teacher, list(x.split(64)), kept, settings)
-    half_cosine = [0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]
-    assert scales[:4] == pytest.approx(half_cosine if cosine == "both" else [1.0] * 4)
-    assert scales[4:] == pytest.approx([1.0] * 4 if cosine == "none" else half_cosine)
-
-
 def test_balanced_rates_follow_execution_order():
     model = OutOfOrder()
     x = torch.randn(1, 3, 8, 8)
@@ -617,7 +599,7 @@ def test_non_finite_loss_stops_and_restores(trained, fmnist):
     ({"balance": "all"}, "balance"), ({"order": "random"}, "order"), ({"phase1_targets": "x"}, "phase1_targets"),
     ({"micro_batch": 1}, "two images"), ({"teacher_cache_gb": -1}, "teacher_cache_gb"),
     ({"teacher_cache_gb": True}, "teacher_cache_gb"), ({"augment": "rotate"}, "augment"),
-    ({"relative_lr": 1}, "relative_lr"), ({"cosine": "cos"}, "cosine"),
+    ({"relative_lr": 1}, "relative_lr"),
 ])
 def test_bad_settings(changes, match):
     with pytest.raises(ValueError, match=match):
