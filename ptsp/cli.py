@@ -132,6 +132,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if args.method == "magnitude" and args.augment != "none":
         raise CliError("--augment varies calibration batches: it applies to the calibrated methods, "
                        "not --method magnitude")
+    if args.method == "magnitude" and args.passes is not None:
+        raise CliError("--passes sets the reconstruction: it applies to the calibrated methods, "
+                       "not --method magnitude")
+    passes = {} if args.passes is None else dict(zip(("phase1_passes", "phase2_passes"), args.passes))
+    settings = ptsp.Reconstruction(augment=args.augment, **passes)  # bad values fail before any work
     model = _model(args)
     x = _inputs(model, args.device)
     calib = None
@@ -148,7 +153,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     pruned = ptsp.prune(model, calib, args.ratio, method=args.method, target=args.target,
                         importance=args.importance, example_inputs=x, round_to=args.round_to,
                         max_ratio=args.max_ratio,
-                        reconstruction=ptsp.Reconstruction(augment=args.augment))
+                        reconstruction=settings)
     seconds = time.perf_counter() - t0
     pruned_top1 = evaluate(pruned, "pruned") if evaluate else None
     ptsp.save(pruned, output, overwrite=args.overwrite)
@@ -286,7 +291,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: auto for the calibrated methods, l2 for magnitude)")
     p.add_argument("--augment", choices=["none", "flip", "shift", "mixup", "cutmix"],
                    default="none", help="vary each calibration batch (ptsp.Reconstruction's augment; default none): "
-                   "cutmix with --importance taylor keeps the most of a densenet")
+                   "cutmix with --passes 60 30 keeps the most of a densenet")
+    p.add_argument("--passes", type=int, nargs=2, metavar=("PHASE1", "PHASE2"),
+                   help="passes over the calibration images in phase 1 and phase 2 (default 20 10; "
+                   "ptsp.Reconstruction's phase1_passes and phase2_passes)")
     p.add_argument("--calib", help="calibration images: a folder (images or parquet) or a datasets name")
     p.add_argument("--num-samples", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")

@@ -101,6 +101,8 @@ def test_groups_lists_unprunable(capsys):
     (["prune", *R18, "--method", "magnitude", "--importance", "taylor"], "reads gradients on calibration data"),
     (["prune", *R18, "--method", "magnitude", "--importance", "bogus"], "unknown importance"),
     (["prune", *R18, "--method", "magnitude", "--augment", "cutmix"], "applies to the calibrated methods"),
+    (["prune", *R18, "--method", "magnitude", "--passes", "2", "1"], "applies to the calibrated methods"),
+    (["prune", *R18, "--passes", "-1", "1"], "phase1_passes must be a non-negative integer"),
     (["prune", "--model", "missing.safetensors"], "does not exist"),
     (["prune", "--model", str(DEMO_MODEL), "--pretrained"], "--pretrained applies to a timm name"),
     (["info", "missing.safetensors"], "does not exist"),
@@ -142,6 +144,22 @@ def test_prune_passes_augment_to_the_reconstruction(tmp_path, monkeypatch, capsy
     assert "reloaded: identical outputs" in capsys.readouterr().out
     plan = ptsp.plan_of(ptsp.load(tmp_path / "resnet10t-pruned.safetensors"))
     assert plan["reconstruction"]["augment"] == "cutmix"
+
+
+def test_prune_passes_the_number_of_passes_to_the_reconstruction(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["prune", "--num-samples", "64", "--eval-samples", "100", "--passes", "2", "1"])
+    assert "reloaded: identical outputs" in capsys.readouterr().out
+    report = ptsp.plan_of(ptsp.load(tmp_path / "resnet10t-pruned.safetensors"))["report"]
+    assert (len(report["phase1"]["loss"]), len(report["phase2"]["loss"])) == (2, 1)
+
+
+def test_passes_default_in_the_help_is_the_reconstructions(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text.split("phase 1 and phase 2 (default ")[1].split(";")[0].split()
+    assert [int(n) for n in listed] == [ptsp.Reconstruction().phase1_passes, ptsp.Reconstruction().phase2_passes]
 
 
 def test_augment_choices_follow_the_reconstruction(capsys):
