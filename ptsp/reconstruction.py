@@ -118,7 +118,8 @@ class Reconstruction:
             −0.18; another draw of the images alone moves it up to 0.3 (recipes/results/ablation.md,
             noise.md). Remixed batches keep giving new inputs, so more passes pay with cutmix:
             with 60+30 passes it gained densenet121 0.70–0.89 over three draws (the same passes
-            without it: −0.11), mobilenetv3 0.52 and resnet18 0.11, for about four times the time.
+            without it: −0.11), and moved the other five references by −0.08 to +0.52 (mean over
+            the six +0.22), for about four times the time.
         micro_batch: split each batch into pieces of this size: less memory for one more
             teacher pass per batch. With BatchNorm in eval mode the gradient is the same; in train
             mode each piece is normalised by its own statistics, as a smaller batch would be.
