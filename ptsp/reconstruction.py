@@ -113,7 +113,8 @@ class Reconstruction:
             "cutmix" pastes a random square (a quarter of the side or more) of another image of
             the batch. The teacher then runs in every pass (no cache); BatchNorm statistics are
             still re-estimated on the images as given. Not the default: at 50% fewer FLOPs on
-            eight reference models, cutmix moved top-1 by −0.13 to +0.50 points (mean +0.10),
+            eight reference models, cutmix moved top-1 by −0.13 to +0.50 points (mean +0.10; on
+            the six main ones under the relative rate, −0.80 to +0.31, mean −0.07),
             mixup by −0.18 to +0.19 (mean −0.03), and on densenet121 flip and shift by −0.20 and
             −0.18; another draw of the images alone moves it up to 0.3 (recipes/results/ablation.md,
             noise.md). Remixed batches keep giving new inputs, so more passes pay with cutmix:

@@ -72,7 +72,7 @@ VARIANTS: dict[str, dict] = {
     "penalty=fade, balance=both": {"penalty": "fade", "balance": "both"},
     # fade shrinks the doomed slices outside Adam, so a lower phase-1 rate no longer slows that
     **{f"penalty=fade, phase1_lr={name}": {"penalty": "fade", "phase1_lr": float(name)}
-       for name in ("3e-4", "1e-3")},
+       for name in ("3e-4", "1e-3", "3e-3")},
     # doomed slices exactly zero at removal, norms over the kept channels: removal changes nothing
     "penalty=fade, phase1_norms=kept": {"penalty": "fade", "phase1_norms": "kept"},
     # remixed batches keep giving new inputs: do more passes pay there?
